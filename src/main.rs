@@ -1,0 +1,2 @@
+//! The `arcgate` command line.
+fn main() {}
