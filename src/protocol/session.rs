@@ -50,7 +50,10 @@ pub enum Output<'a> {
     Close,
     /// The connection authenticated for the first time: register and announce it.
     /// `version` is the agent's `data.version` ("" when absent or not an agent).
-    Online { identity: &'a Identity, version: &'a str },
+    Online {
+        identity: &'a Identity,
+        version: &'a str,
+    },
     /// An agent event to relay to clients under the name `event`
     /// (`server:status` becomes `server:updated`); `data` is the agent's JSON object.
     Relay {
