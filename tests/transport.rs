@@ -384,7 +384,7 @@ async fn any_frame_counts_as_liveness(io: &'static str) {
     while start.elapsed() < Duration::from_millis(2500) {
         raw.send_json(&json!({"event": "client:noop", "data": {}}))
             .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     raw.send_frame(true, OP_PING, b"end").await;
     loop {

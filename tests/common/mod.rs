@@ -109,8 +109,14 @@ fn capture(stream: impl Read + Send + 'static, log: Arc<Mutex<String>>) -> JoinH
 
 impl Gateway {
     /// Starts a gateway with the `io` backend, two workers, debug logs and the test secret,
-    /// plus `extra` flags; returns once `/healthz` answers.
+    /// plus `extra` flags; returns once `/healthz` answers. Unless `extra` sets `--rate-limit`,
+    /// the message rate is practically unlimited, so that only the rate-limit tests meet it.
     pub async fn start(io: &'static str, extra: &[&str]) -> Gateway {
+        let mut extra = extra.to_vec();
+        if !extra.contains(&"--rate-limit") {
+            extra.extend(["--rate-limit", "100000", "--rate-burst", "100000"]);
+        }
+        let extra = &extra[..];
         let mut last_log = String::new();
         for _ in 0..3 {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
