@@ -101,8 +101,22 @@ impl FrameBuf {
 
     /// The finished frame (FIN set, unmasked) with the given opcode.
     pub fn finish(self, opcode: u8) -> Bytes {
-        let _ = opcode;
-        unimplemented!()
+        let mut buf = self.buf;
+        let len = buf.len() - MAX_HEADER;
+        let start = if len < 126 {
+            buf[MAX_HEADER - 1] = len as u8;
+            MAX_HEADER - 2
+        } else if len <= u16::MAX as usize {
+            buf[MAX_HEADER - 3] = 126;
+            buf[MAX_HEADER - 2..MAX_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
+            MAX_HEADER - 4
+        } else {
+            buf[1] = 127;
+            buf[2..MAX_HEADER].copy_from_slice(&(len as u64).to_be_bytes());
+            0
+        };
+        buf[start] = 0x80 | opcode;
+        Bytes::from(buf).slice(start..)
     }
 }
 
