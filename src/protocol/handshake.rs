@@ -23,7 +23,11 @@ pub enum Outcome {
     /// A valid upgrade for `policy.paths[route]`: queue `response` (101 Switching Protocols),
     /// then speak WebSocket. The first `consumed` bytes of the input were the request;
     /// anything after them already belongs to the WebSocket stream.
-    Upgrade { route: usize, response: Bytes, consumed: usize },
+    Upgrade {
+        route: usize,
+        response: Bytes,
+        consumed: usize,
+    },
     /// Answer `response` (a complete HTTP response with `Connection: close`) and close.
     /// 400 malformed, 403 origin, 404 unknown path, 405 not GET, 426 not an upgrade or
     /// wrong `Sec-WebSocket-Version`, 431 head too large.
@@ -46,5 +50,9 @@ pub fn error_response(status: u16, message: &str, extra_headers: &[(&str, &str)]
 
 /// `503 Service Unavailable` with `Retry-After: <secs>`.
 pub fn service_unavailable(retry_after_secs: u32, message: &str) -> Bytes {
-    error_response(503, message, &[("Retry-After", &retry_after_secs.to_string())])
+    error_response(
+        503,
+        message,
+        &[("Retry-After", &retry_after_secs.to_string())],
+    )
 }

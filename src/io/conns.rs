@@ -1,0 +1,358 @@
+//! The connection table both io backends share: slots with generations, bounded outbound
+//! queues of shared frames, and the list of connections with bytes to flush this turn.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+/// A connection's handle: slot index and generation, so a stale handle to a reused slot
+/// is recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub slot: u32,
+    pub gen: u32,
+}
+
+impl ConnId {
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.gen) << 32) | u64::from(self.slot)
+    }
+
+    pub fn from_u64(v: u64) -> ConnId {
+        ConnId {
+            slot: v as u32,
+            gen: (v >> 32) as u32,
+        }
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    Free,
+    /// Reading and writing.
+    Open,
+    /// Closing: flush the queue, then shut down writing.
+    Flushing,
+    /// Writing shut down; reading (and discarding) until the peer's FIN or the deadline.
+    Lingering,
+    /// The socket is being closed; the slot is freed once that completes.
+    Teardown,
+}
+
+/// The outcome of queueing a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Ok,
+    /// Queued, but the connection's outbound bytes now exceed the cap: close it (1013).
+    Overflow,
+    /// The connection is closing or gone; nothing was queued.
+    Gone,
+}
+
+/// Frames waiting to be written to one connection. Holds no heap memory while empty.
+#[derive(Debug, Default)]
+pub(crate) struct OutQueue {
+    frames: VecDeque<Bytes>,
+    /// Bytes of the first frame already written.
+    offset: usize,
+    /// Bytes not yet written.
+    pub bytes: usize,
+}
+
+impl OutQueue {
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Up to `max` iovecs covering the unwritten bytes, in order.
+    pub fn iovecs(&self, out: &mut Vec<libc::iovec>, max: usize) {
+        for (i, f) in self.frames.iter().take(max).enumerate() {
+            let skip = if i == 0 { self.offset } else { 0 };
+            out.push(libc::iovec {
+                iov_base: f[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: f.len() - skip,
+            });
+        }
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let first = self.frames[0].len() - self.offset;
+            if n < first {
+                self.offset += n;
+                return;
+            }
+            n -= first;
+            self.offset = 0;
+            self.frames.pop_front();
+        }
+        if self.frames.is_empty() {
+            // Give the memory back: an idle connection holds no queue.
+            self.frames = VecDeque::new();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        *self = OutQueue::default();
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub gen: u32,
+    pub state: State,
+    /// The socket: a direct descriptor index (io_uring) or a file descriptor (epoll).
+    pub fd: i32,
+    pub out: OutQueue,
+    pub dirty: bool,
+    /// A send is in flight (io_uring): its iovecs point into `out`.
+    pub sending: bool,
+}
+
+/// All connections of one worker.
+#[derive(Debug)]
+pub struct Conns {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    dirty: Vec<u32>,
+    /// Connections waiting to be forced shut, in deadline order.
+    lingering: VecDeque<(Instant, ConnId)>,
+    max_outbound: usize,
+    live: usize,
+}
+
+impl Conns {
+    pub fn new(max_outbound: usize) -> Conns {
+        Conns {
+            slots: Vec::new(),
+            free: Vec::new(),
+            dirty: Vec::new(),
+            lingering: VecDeque::new(),
+            max_outbound,
+            live: 0,
+        }
+    }
+
+    /// Queues a frame; it is written at the end of this loop turn together with the
+    /// connection's other queued frames.
+    pub fn send(&mut self, id: ConnId, frame: Bytes) -> Queued {
+        let max = self.max_outbound;
+        let Some(slot) = self.open_slot(id) else {
+            return Queued::Gone;
+        };
+        slot.out.push(frame);
+        let over = slot.out.bytes > max;
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(id.slot);
+        }
+        if over {
+            Queued::Overflow
+        } else {
+            Queued::Ok
+        }
+    }
+
+    /// Closes gracefully: what is queued is written, then writing is shut down and the
+    /// socket closed once the peer closes too (or after `LINGER`).
+    pub fn close(&mut self, id: ConnId, now: Instant) {
+        let Some(slot) = self.open_slot(id) else {
+            return;
+        };
+        slot.state = State::Flushing;
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(id.slot);
+        }
+        self.lingering.push_back((now + super::LINGER, id));
+    }
+
+    /// Drops whatever is queued (a consumer too slow to take it) so that only what is
+    /// queued next, such as a close frame, gets written.
+    pub fn discard_queued(&mut self, id: ConnId) {
+        if let Some(slot) = self.open_slot(id) {
+            if !slot.sending {
+                slot.out.clear();
+            }
+        }
+    }
+
+    /// Whether `id` is open for reading and writing.
+    pub fn is_open(&self, id: ConnId) -> bool {
+        matches!(self.slots.get(id.slot as usize), Some(s) if s.gen == id.gen && s.state == State::Open)
+    }
+
+    /// Connections in the table, closing ones included.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Bytes queued and not yet written to `id`.
+    pub fn queued_bytes(&self, id: ConnId) -> usize {
+        self.get(id).map_or(0, |s| s.out.bytes)
+    }
+
+    fn open_slot(&mut self, id: ConnId) -> Option<&mut Slot> {
+        self.get_mut(id).filter(|s| s.state == State::Open)
+    }
+
+    // Backend side.
+
+    pub(crate) fn insert(&mut self, fd: i32) -> ConnId {
+        self.live += 1;
+        if let Some(i) = self.free.pop() {
+            let slot = &mut self.slots[i as usize];
+            slot.gen = slot.gen.wrapping_add(1);
+            slot.state = State::Open;
+            slot.fd = fd;
+            return ConnId {
+                slot: i,
+                gen: slot.gen,
+            };
+        }
+        self.slots.push(Slot {
+            gen: 0,
+            state: State::Open,
+            fd,
+            out: OutQueue::default(),
+            dirty: false,
+            sending: false,
+        });
+        ConnId {
+            slot: self.slots.len() as u32 - 1,
+            gen: 0,
+        }
+    }
+
+    pub(crate) fn get(&self, id: ConnId) -> Option<&Slot> {
+        self.slots
+            .get(id.slot as usize)
+            .filter(|s| s.gen == id.gen && s.state != State::Free)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut Slot> {
+        self.slots
+            .get_mut(id.slot as usize)
+            .filter(|s| s.gen == id.gen && s.state != State::Free)
+    }
+
+    /// The live connection in `slot` whose generation's low 24 bits are `gen24`
+    /// (io_uring tags carry only those).
+    pub(crate) fn find_tagged(&self, slot: u32, gen24: u32) -> Option<ConnId> {
+        let s = self.slots.get(slot as usize)?;
+        (s.state != State::Free && s.gen & 0x00ff_ffff == gen24)
+            .then_some(ConnId { slot, gen: s.gen })
+    }
+
+    pub(crate) fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(slot) = self.get_mut(id) {
+            if !slot.dirty {
+                slot.dirty = true;
+                self.dirty.push(id.slot);
+            }
+        }
+    }
+
+    pub(crate) fn id_of(&self, slot: u32) -> ConnId {
+        ConnId {
+            slot,
+            gen: self.slots[slot as usize].gen,
+        }
+    }
+
+    /// Frees the slot (after `on_close`).
+    pub(crate) fn remove(&mut self, id: ConnId) {
+        if let Some(slot) = self.get_mut(id) {
+            slot.state = State::Free;
+            slot.out.clear();
+            slot.sending = false;
+            slot.fd = -1;
+            self.live -= 1;
+            self.free.push(id.slot);
+        }
+    }
+
+    /// The slots marked dirty since the last call (the caller hands the Vec back).
+    pub(crate) fn take_dirty(&mut self, into: &mut Vec<u32>) {
+        std::mem::swap(&mut self.dirty, into);
+        for &s in into.iter() {
+            self.slots[s as usize].dirty = false;
+        }
+    }
+
+    /// Connections whose linger deadline passed.
+    pub(crate) fn pop_expired_linger(&mut self, now: Instant) -> Option<ConnId> {
+        while let Some(&(deadline, id)) = self.lingering.front() {
+            if deadline > now {
+                return None;
+            }
+            self.lingering.pop_front();
+            if matches!(self.get(id), Some(s) if matches!(s.state, State::Flushing | State::Lingering))
+            {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Every connection currently open (for draining and shutdown).
+    pub fn open_ids(&self) -> Vec<ConnId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == State::Open)
+            .map(|(i, s)| ConnId {
+                slot: i as u32,
+                gen: s.gen,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_advances_across_frames_and_frees_memory() {
+        let mut q = OutQueue::default();
+        q.push(Bytes::from_static(b"abc"));
+        q.push(Bytes::from_static(b"defg"));
+        let mut v = Vec::new();
+        q.iovecs(&mut v, 8);
+        assert_eq!(v.len(), 2);
+        q.advance(4);
+        assert_eq!(q.bytes, 3);
+        v.clear();
+        q.iovecs(&mut v, 8);
+        assert_eq!(v[0].iov_len, 3);
+        q.advance(3);
+        assert!(q.is_empty());
+        assert_eq!(q.frames.capacity(), 0);
+    }
+
+    #[test]
+    fn stale_ids_are_rejected_after_reuse() {
+        let mut c = Conns::new(10);
+        let a = c.insert(7);
+        c.remove(a);
+        let b = c.insert(8);
+        assert_eq!(a.slot, b.slot);
+        assert_eq!(c.send(a, Bytes::from_static(b"x")), Queued::Gone);
+        assert_eq!(c.send(b, Bytes::from_static(b"x")), Queued::Ok);
+        assert_eq!(c.send(b, Bytes::from_static(&[0; 10])), Queued::Overflow);
+    }
+}

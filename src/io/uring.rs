@@ -1,0 +1,438 @@
+//! The io_uring loop: multishot accept into direct descriptors, multishot recv from a
+//! provided-buffer ring, one corked `sendmsg` per dirty connection per turn.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Instant;
+
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, Fixed, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+
+use super::conns::{ConnId, Conns, State};
+use super::{sleep_for, Handler, Notifier};
+
+// Operation kinds, in the top byte of user_data; the rest is the connection's id.
+const OP_ACCEPT: u8 = 1;
+const OP_RECV: u8 = 2;
+const OP_SEND: u8 = 3;
+const OP_SHUTDOWN: u8 = 4;
+const OP_CLOSE: u8 = 5;
+const OP_CANCEL: u8 = 6;
+const OP_WAKE: u8 = 7;
+
+const BUF_GROUP: u16 = 0;
+const BUF_COUNT: u16 = 1024;
+const BUF_SIZE: usize = 2048;
+const MAX_IOVECS: usize = 64;
+
+fn tag(op: u8, id: ConnId) -> u64 {
+    (u64::from(op) << 56) | (u64::from(id.gen & 0x00ff_ffff) << 32) | u64::from(id.slot)
+}
+
+fn untag(data: u64) -> (u8, u32, u32) {
+    (
+        (data >> 56) as u8,
+        ((data >> 32) & 0x00ff_ffff) as u32,
+        data as u32,
+    )
+}
+
+/// Whether io_uring with everything this loop needs can be set up here.
+pub fn probe() -> io::Result<()> {
+    let ring = IoUring::new(8)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in [
+        opcode::AcceptMulti::CODE,
+        opcode::RecvMulti::CODE,
+        opcode::SendMsg::CODE,
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring lacks an opcode",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The provided buffers multishot receives draw from.
+struct BufRing {
+    ring: *mut BufRingEntry,
+    ring_layout: Layout,
+    mem: Vec<u8>,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(uring: &IoUring) -> io::Result<BufRing> {
+        let ring_layout = Layout::from_size_align(
+            usize::from(BUF_COUNT) * std::mem::size_of::<BufRingEntry>(),
+            4096,
+        )
+        .expect("valid layout");
+        // SAFETY: non-zero size layout.
+        let ring = unsafe { alloc_zeroed(ring_layout) } as *mut BufRingEntry;
+        if ring.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let mut br = BufRing {
+            ring,
+            ring_layout,
+            mem: vec![0; usize::from(BUF_COUNT) * BUF_SIZE],
+            tail: 0,
+        };
+        // SAFETY: the ring memory lives as long as `br`, which outlives the registration
+        // (the uring is dropped first, see UringLoop's field order).
+        unsafe {
+            uring
+                .submitter()
+                .register_buf_ring_with_flags(ring as u64, BUF_COUNT, BUF_GROUP, 0)?;
+        }
+        for bid in 0..BUF_COUNT {
+            br.push(bid);
+        }
+        br.publish();
+        Ok(br)
+    }
+
+    fn push(&mut self, bid: u16) {
+        let idx = usize::from(self.tail & (BUF_COUNT - 1));
+        // SAFETY: idx < BUF_COUNT entries of the ring allocation.
+        let entry = unsafe { &mut *self.ring.add(idx) };
+        entry.set_addr(self.mem[usize::from(bid) * BUF_SIZE..].as_ptr() as u64);
+        entry.set_len(BUF_SIZE as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field lives in the first entry, which the kernel reads atomically.
+        let tail = unsafe { &*(BufRingEntry::tail(self.ring) as *const AtomicU16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    fn buf(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let start = usize::from(bid) * BUF_SIZE;
+        &mut self.mem[start..start + len]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ring.cast(), self.ring_layout) };
+    }
+}
+
+/// One in-flight sendmsg: its header and iovecs must stay put until it completes.
+struct SendOp {
+    hdr: libc::msghdr,
+    iov: Vec<libc::iovec>,
+}
+
+/// One worker's io_uring loop.
+pub struct UringLoop {
+    ring: IoUring,
+    bufs: BufRing,
+    listener: TcpListener,
+    notifier: std::sync::Arc<Notifier>,
+    wake_buf: Box<u64>,
+    sends: Vec<Option<Box<SendOp>>>,
+    send_pool: Vec<Box<SendOp>>,
+    accept_armed: bool,
+    accept_cancelled: bool,
+    completions: Vec<(u64, i32, u32)>,
+    dirty: Vec<u32>,
+}
+
+impl UringLoop {
+    /// A ring for `listener` whose direct-descriptor table holds `max_conns` sockets.
+    pub fn new(
+        listener: TcpListener,
+        notifier: std::sync::Arc<Notifier>,
+        max_conns: u32,
+    ) -> io::Result<UringLoop> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_cqsize(16384)
+            .build(4096)?;
+        ring.submitter().register_files_sparse(max_conns)?;
+        let bufs = BufRing::new(&ring)?;
+        Ok(UringLoop {
+            ring,
+            bufs,
+            listener,
+            notifier,
+            wake_buf: Box::new(0),
+            sends: Vec::new(),
+            send_pool: Vec::new(),
+            accept_armed: false,
+            accept_cancelled: false,
+            completions: Vec::with_capacity(1024),
+            dirty: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every buffer an entry points to (buffer ring, send ops, wake buffer)
+            // outlives its operation.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "io_uring submit failed");
+            }
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        let sqe = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+            .allocate_file_index(true)
+            .build()
+            .user_data(tag(OP_ACCEPT, ConnId { slot: 0, gen: 0 }));
+        self.push(sqe);
+        self.accept_armed = true;
+    }
+
+    fn arm_recv(&mut self, id: ConnId, fd: i32) {
+        let sqe = opcode::RecvMulti::new(Fixed(fd as u32), BUF_GROUP)
+            .build()
+            .user_data(tag(OP_RECV, id));
+        self.push(sqe);
+    }
+
+    fn arm_wake(&mut self) {
+        let sqe = opcode::Read::new(
+            Fd(self.notifier.fd()),
+            (&mut *self.wake_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(tag(OP_WAKE, ConnId { slot: 0, gen: 0 }));
+        self.push(sqe);
+    }
+
+    /// Runs until the handler says it is finished.
+    pub fn run<H: Handler>(&mut self, conns: &mut Conns, handler: &mut H) -> io::Result<()> {
+        self.arm_accept();
+        self.arm_wake();
+        while !handler.finished(conns) {
+            let now = Instant::now();
+            let wait = sleep_for(now, handler.next_deadline());
+            let ts = Timespec::from(wait);
+            let args = SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            self.completions.clear();
+            self.completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            let mut completions = std::mem::take(&mut self.completions);
+            for &(data, res, flags) in &completions {
+                self.complete(conns, handler, data, res, flags, now);
+            }
+            completions.clear();
+            self.completions = completions;
+            self.bufs.publish();
+
+            handler.on_tick(conns, now);
+            if !handler.accepting() && self.accept_armed && !self.accept_cancelled {
+                self.accept_cancelled = true;
+                let sqe = opcode::AsyncCancel::new(tag(OP_ACCEPT, ConnId { slot: 0, gen: 0 }))
+                    .build()
+                    .user_data(tag(OP_CANCEL, ConnId { slot: 0, gen: 0 }));
+                self.push(sqe);
+            }
+            while let Some(id) = conns.pop_expired_linger(now) {
+                self.teardown(conns, id);
+            }
+            self.flush(conns);
+        }
+        Ok(())
+    }
+
+    fn complete<H: Handler>(
+        &mut self,
+        conns: &mut Conns,
+        handler: &mut H,
+        data: u64,
+        res: i32,
+        flags: u32,
+        now: Instant,
+    ) {
+        let (op, gen24, slot) = untag(data);
+        let find = |conns: &Conns| conns.find_tagged(slot, gen24);
+        match op {
+            OP_ACCEPT => {
+                if !cqueue::more(flags) {
+                    self.accept_armed = false;
+                }
+                if res >= 0 {
+                    let id = conns.insert(res);
+                    self.arm_recv(id, res);
+                    handler.on_accept(conns, id, now);
+                } else if res != -libc::ECANCELED {
+                    tracing::debug!(error = %io::Error::from_raw_os_error(-res), "accept failed");
+                }
+                if !self.accept_armed && handler.accepting() {
+                    self.arm_accept();
+                }
+            }
+            OP_RECV => {
+                let bid = cqueue::buffer_select(flags);
+                let id = find(conns);
+                if let (Some(id), true) = (id, res > 0) {
+                    let bid = bid.expect("a receive with data names its buffer");
+                    let state = conns.get(id).map(|s| s.state);
+                    if state == Some(State::Open) {
+                        let buf = self.bufs.buf(bid, res as usize);
+                        handler.on_data(conns, id, buf, now);
+                    }
+                    if !cqueue::more(flags)
+                        && conns.get(id).is_some_and(|s| s.state != State::Teardown)
+                    {
+                        let fd = conns.get(id).map(|s| s.fd).unwrap_or(-1);
+                        self.arm_recv(id, fd);
+                    }
+                } else if let Some(id) = id {
+                    if res == -libc::ENOBUFS {
+                        let fd = conns.get(id).map(|s| s.fd).unwrap_or(-1);
+                        if !cqueue::more(flags) {
+                            self.arm_recv(id, fd);
+                        }
+                    } else if res != -libc::ECANCELED
+                        && conns.get(id).is_some_and(|s| s.state != State::Teardown)
+                    {
+                        // End of stream or a socket error.
+                        self.teardown(conns, id);
+                    }
+                }
+                if let Some(bid) = bid {
+                    self.bufs.push(bid);
+                }
+            }
+            OP_SEND => {
+                let Some(id) = find(conns) else { return };
+                if let Some(op) = self.sends.get_mut(slot as usize).and_then(Option::take) {
+                    self.send_pool.push(op);
+                }
+                let s = conns.get_mut(id).expect("found above");
+                s.sending = false;
+                match s.state {
+                    State::Teardown => {
+                        if s.fd < 0 {
+                            self.finish(conns, handler, id, now);
+                        }
+                    }
+                    _ if res < 0 => self.teardown(conns, id),
+                    _ => {
+                        s.out.advance(res as usize);
+                        if !s.out.is_empty() || s.state == State::Flushing {
+                            conns.mark_dirty(id);
+                        }
+                    }
+                }
+            }
+            OP_CLOSE => {
+                let Some(id) = find(conns) else { return };
+                let s = conns.get_mut(id).expect("found above");
+                s.fd = -1;
+                if !s.sending {
+                    self.finish(conns, handler, id, now);
+                }
+            }
+            OP_WAKE => {
+                self.arm_wake();
+                handler.on_wake(conns, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes the socket now: cancels its receive and any send, then closes the descriptor.
+    fn teardown(&mut self, conns: &mut Conns, id: ConnId) {
+        let Some(s) = conns.get_mut(id) else { return };
+        if s.state == State::Teardown {
+            return;
+        }
+        s.state = State::Teardown;
+        let fd = s.fd as u32;
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(fd)).all())
+            .build()
+            .user_data(tag(OP_CANCEL, id));
+        self.push(cancel);
+        let close = opcode::Close::new(Fixed(fd))
+            .build()
+            .user_data(tag(OP_CLOSE, id));
+        self.push(close);
+    }
+
+    fn finish<H: Handler>(&mut self, conns: &mut Conns, handler: &mut H, id: ConnId, now: Instant) {
+        handler.on_close(conns, id, now);
+        conns.remove(id);
+    }
+
+    /// Writes every dirty connection's queue with one sendmsg each.
+    fn flush(&mut self, conns: &mut Conns) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        conns.take_dirty(&mut dirty);
+        for &slot in &dirty {
+            let id = conns.id_of(slot);
+            let Some(s) = conns.get_mut(id) else { continue };
+            if s.sending || !matches!(s.state, State::Open | State::Flushing) {
+                continue;
+            }
+            if s.out.is_empty() {
+                if s.state == State::Flushing {
+                    s.state = State::Lingering;
+                    let fd = s.fd as u32;
+                    let sqe = opcode::Shutdown::new(Fixed(fd), libc::SHUT_WR)
+                        .build()
+                        .user_data(tag(OP_SHUTDOWN, id));
+                    self.push(sqe);
+                }
+                continue;
+            }
+            let mut op = self.send_pool.pop().unwrap_or_else(|| {
+                Box::new(SendOp {
+                    // SAFETY: an all-zero msghdr is valid.
+                    hdr: unsafe { std::mem::zeroed() },
+                    iov: Vec::with_capacity(MAX_IOVECS),
+                })
+            });
+            op.iov.clear();
+            s.out.iovecs(&mut op.iov, MAX_IOVECS);
+            op.hdr.msg_iov = op.iov.as_mut_ptr();
+            op.hdr.msg_iovlen = op.iov.len();
+            s.sending = true;
+            let sqe = opcode::SendMsg::new(Fixed(s.fd as u32), &op.hdr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+                .user_data(tag(OP_SEND, id));
+            if self.sends.len() <= slot as usize {
+                self.sends.resize_with(slot as usize + 1, || None);
+            }
+            self.sends[slot as usize] = Some(op);
+            self.push(sqe);
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+}
