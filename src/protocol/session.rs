@@ -100,6 +100,7 @@ enum Route {
     Client,
 }
 
+/// Where the connection is in its life.
 #[derive(Debug)]
 enum Phase {
     /// Waiting for the request head; `buf` holds a head split across reads.
@@ -183,7 +184,12 @@ impl Session {
     }
 
     /// Bytes received from the peer (may be modified: frames are unmasked in place).
+    /// Deadlines that passed before the bytes are acted on first, so that a late timer
+    /// never lets in an `auth` after `auth_timeout` or a message after the token expired.
     pub fn handle_bytes(&mut self, ctx: &Ctx, buf: &mut [u8], out: &mut impl FnMut(Output<'_>)) {
+        if self.core.next_deadline() <= self.core.now_ms(ctx.now) {
+            self.core.on_timeout(ctx, out);
+        }
         match self.core.phase {
             Phase::Closed(_) => {}
             Phase::Handshake { .. } => self.handshake(ctx, buf, out),
@@ -200,24 +206,11 @@ impl Session {
     /// The next instant `handle_timeout` must be called at; `None` once closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let c = &self.core;
-        if matches!(c.phase, Phase::Closed(_)) {
-            return None;
+        match c.next_deadline() {
+            _ if c.is_closed() => None,
+            NEVER => None,
+            next => c.epoch.checked_add(Duration::from_millis(next)),
         }
-        let next = [
-            c.phase_deadline,
-            c.next_ping,
-            c.pong_deadline,
-            c.lease,
-            c.warn_at,
-            c.expire_at,
-        ]
-        .into_iter()
-        .min()
-        .unwrap_or(NEVER);
-        if next == NEVER {
-            return None;
-        }
-        c.epoch.checked_add(Duration::from_millis(next))
     }
 
     /// Closes the connection on the gateway's initiative (replaced 4009, revoked 4001,
@@ -365,6 +358,19 @@ impl Session {
 impl Core {
     fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed(_))
+    }
+
+    /// The earliest armed deadline (`NEVER` if none).
+    fn next_deadline(&self) -> u64 {
+        let deadlines = [
+            self.phase_deadline,
+            self.next_ping,
+            self.pong_deadline,
+            self.lease,
+            self.warn_at,
+            self.expire_at,
+        ];
+        deadlines.into_iter().min().unwrap_or(NEVER)
     }
 
     /// Milliseconds since the epoch, rounded down (for "is it due").
@@ -789,12 +795,13 @@ fn authenticated(identity: &Identity, ts_ms: u64) -> Bytes {
             let cluster = identity.cluster.as_deref().unwrap_or("");
             envelope::authenticated_agent(&identity.sub, cluster, ts_ms)
         }
-        Role::User | Role::Service => envelope::authenticated_client(
-            &identity.sub,
-            identity.role.as_str(),
-            &identity.clusters,
-            ts_ms,
-        ),
+        Role::User => {
+            envelope::authenticated_client(&identity.sub, "user", &identity.clusters, ts_ms)
+        }
+        Role::Service => {
+            let all: [Box<str>; 1] = [Box::from("*")];
+            envelope::authenticated_client(&identity.sub, "service", &all, ts_ms)
+        }
     }
 }
 
@@ -1547,6 +1554,15 @@ mod tests {
     }
 
     #[test]
+    fn auth_after_the_deadline_is_too_late_even_if_the_timer_is_late() {
+        let mut h = Harness::upgraded(limits(), AGENT_PATH);
+        let tok = token(&agent_spec("mch_1", "clu_a"));
+        let evs = h.send(secs(10), &agent_auth(&tok, "mch_1"));
+        assert_fatal(&evs, "AUTH_TIMEOUT", 4002, None);
+        assert!(h.session.identity().is_none());
+    }
+
+    #[test]
     fn auth_split_across_reads() {
         let mut h = Harness::upgraded(limits(), AGENT_PATH);
         let frame = text(&agent_auth(&token(&agent_spec("mch_1", "clu_a")), "mch_1"));
@@ -2021,13 +2037,27 @@ mod tests {
             &h.send(ms(2_700), &heartbeat())[..],
             [Ev::Relay { .. }]
         ));
+        // The error is due again (more than a second since the last one), then 4008.
         let evs = h.send(ms(2_800), &heartbeat());
-        assert_eq!(evs.len(), 2, "{evs:?}");
+        assert_fatal(&evs, "RATE_LIMIT", 4008, None);
+        assert_closed(&mut h, secs(3));
+    }
+
+    #[test]
+    fn rate_limit_close_without_a_due_error() {
+        let mut h = Harness::agent(rate_limits(1, 1, 2));
+        // Second 0 drops at 900 ms (error); second 1 drops at 1 500 ms, within a second of
+        // the last error: only the close frame.
+        assert_error(&h.send(ms(900), &heartbeat()), "RATE_LIMIT", None);
+        assert!(matches!(
+            &h.send(ms(1_100), &heartbeat())[..],
+            [Ev::Relay { .. }]
+        ));
+        let evs = h.send(ms(1_500), &heartbeat());
         assert!(
             matches!(&evs[..], [Ev::CloseFrame(4008, _), Ev::Close]),
             "{evs:?}"
         );
-        assert_closed(&mut h, secs(3));
     }
 
     #[test]
@@ -2082,14 +2112,32 @@ mod tests {
             .is_empty());
         assert_eq!(h.tick(secs(60)), vec![Ev::Ping(vec![])]);
         assert_eq!(h.next_timeout(), Some(secs(90)));
-        // Silence: the next ping still goes out, then the pong deadline from the first unanswered ping.
-        assert_eq!(h.tick(secs(90)), vec![Ev::Ping(vec![])]);
+        // Silence for pong_timeout after the ping at 60 s.
+        assert!(h.tick(ms(89_999)).is_empty());
         let evs = h.tick(secs(90));
         assert!(
             matches!(&evs[..], [Ev::CloseFrame(4000, r), Ev::Close] if r == "ping timeout"),
             "{evs:?}"
         );
         assert_closed(&mut h, secs(91));
+    }
+
+    #[test]
+    fn pong_deadline_counts_from_the_first_unanswered_ping() {
+        let mut lim = limits();
+        lim.ping_interval = secs(10);
+        lim.pong_timeout = secs(25);
+        lim.agent_lease = Duration::ZERO;
+        let mut h = Harness::client(lim, &spec("service", "billing", 100_000));
+        assert_eq!(h.tick(secs(10)), vec![Ev::Ping(vec![])]);
+        assert_eq!(h.tick(secs(20)), vec![Ev::Ping(vec![])]);
+        assert_eq!(h.tick(secs(30)), vec![Ev::Ping(vec![])]);
+        assert_eq!(h.next_timeout(), Some(secs(35)));
+        let evs = h.tick(secs(35));
+        assert!(
+            matches!(&evs[..], [Ev::CloseFrame(4000, _), Ev::Close]),
+            "{evs:?}"
+        );
     }
 
     #[test]
@@ -2117,16 +2165,15 @@ mod tests {
     #[test]
     fn agent_lease_expires_without_data() {
         let mut h = Harness::agent(limits());
-        // Heartbeats every 30 s keep it; pongs do not count.
-        for i in 1..=3u64 {
-            assert_eq!(h.tick(secs(30 * i)).len(), 1);
+        // A heartbeat at 80 s moves the lease from 90 s to 170 s; pongs do not count.
+        for at in [30, 60] {
+            assert_eq!(h.tick(secs(at)), vec![Ev::Ping(vec![])]);
             assert!(h
-                .feed(secs(30 * i + 1), &client_frame(true, codec::OP_PONG, b""))
+                .feed(secs(at + 1), &client_frame(true, codec::OP_PONG, b""))
                 .is_empty());
         }
         assert_eq!(h.send(secs(80), &heartbeat()).len(), 1);
-        // Lease now ends at 170 s; pings at 120 and 150 s answered by pongs only.
-        for at in [120, 150] {
+        for at in [90, 120, 150] {
             assert_eq!(h.tick(secs(at)), vec![Ev::Ping(vec![])]);
             assert!(h
                 .feed(secs(at + 1), &client_frame(true, codec::OP_PONG, b""))
@@ -2135,6 +2182,24 @@ mod tests {
         assert_eq!(h.next_timeout(), Some(secs(170)));
         assert!(h.tick(ms(169_999)).is_empty());
         let evs = h.tick(secs(170));
+        assert!(
+            matches!(&evs[..], [Ev::CloseFrame(4000, r), Ev::Close] if r == "lease expired"),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn agent_lease_counts_from_auth() {
+        let mut lim = limits();
+        lim.ping_interval = Duration::ZERO;
+        let mut h = Harness::agent(lim);
+        assert!(
+            h.feed(secs(60), &client_frame(true, codec::OP_PING, b""))
+                .len()
+                == 1
+        );
+        assert_eq!(h.next_timeout(), Some(secs(90)));
+        let evs = h.tick(secs(90));
         assert!(
             matches!(&evs[..], [Ev::CloseFrame(4000, r), Ev::Close] if r == "lease expired"),
             "{evs:?}"
@@ -2176,6 +2241,26 @@ mod tests {
         let msg = assert_auth_failed(&h.tick(secs(125)), None);
         assert_eq!(msg, "token expired");
         assert_closed(&mut h, secs(126));
+    }
+
+    #[test]
+    fn no_message_passes_after_expiry_even_if_the_timer_is_late() {
+        let mut lim = limits();
+        lim.ping_interval = Duration::ZERO;
+        let mut h = Harness::upgraded(lim, AGENT_PATH);
+        let spec = TokenSpec {
+            ttl: secs(100),
+            ..agent_spec("mch_1", "clu_a")
+        };
+        h.send(Duration::ZERO, &agent_auth(&token(&spec), "mch_1"));
+        let evs = h.send(secs(80), &heartbeat());
+        // The overdue warning goes out before the message is relayed.
+        assert!(
+            matches!(&evs[..], [Ev::Json(v), Ev::Relay { .. }] if v["event"] == "token:expiring"),
+            "{evs:?}"
+        );
+        let evs = h.send(secs(105), &heartbeat());
+        assert_eq!(assert_auth_failed(&evs, None), "token expired");
     }
 
     #[test]
