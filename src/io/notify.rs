@@ -40,7 +40,7 @@ impl Notifier {
         self.pending.store(false, Ordering::Release);
     }
 
-    /// Empties the eventfd counter (epoll backend; io_uring reads it itself).
+    /// Empties the eventfd counter after it was seen readable.
     pub fn drain(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64.

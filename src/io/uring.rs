@@ -141,7 +141,6 @@ pub struct UringLoop {
     bufs: BufRing,
     listener: TcpListener,
     notifier: std::sync::Arc<Notifier>,
-    wake_buf: Box<u64>,
     sends: Vec<Option<Box<SendOp>>>,
     send_pool: Vec<Box<SendOp>>,
     accept_armed: bool,
@@ -169,7 +168,6 @@ impl UringLoop {
             bufs,
             listener,
             notifier,
-            wake_buf: Box::new(0),
             sends: Vec::new(),
             send_pool: Vec::new(),
             accept_armed: false,
@@ -208,14 +206,13 @@ impl UringLoop {
         self.push(sqe);
     }
 
+    /// A multishot poll on the notifier's eventfd (non-blocking, so a read op would
+    /// just fail with EAGAIN).
     fn arm_wake(&mut self) {
-        let sqe = opcode::Read::new(
-            Fd(self.notifier.fd()),
-            (&mut *self.wake_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(tag(OP_WAKE, ConnId { slot: 0, gen: 0 }));
+        let sqe = opcode::PollAdd::new(Fd(self.notifier.fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(tag(OP_WAKE, ConnId { slot: 0, gen: 0 }));
         self.push(sqe);
     }
 
@@ -359,7 +356,10 @@ impl UringLoop {
                 }
             }
             OP_WAKE => {
-                self.arm_wake();
+                if !cqueue::more(flags) {
+                    self.arm_wake();
+                }
+                self.notifier.drain();
                 handler.on_wake(conns, now);
             }
             _ => {}
