@@ -1,2 +1,20 @@
-//! The `arcgate` command line.
-fn main() {}
+//! The `arcgate` command line: `serve`, `token` and `check-config`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use arcgate::config::Config;
+use clap::Parser;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    cli::run(cli::Cli::parse(), run_server)
+}
+
+fn run_server(config: Config) -> anyhow::Result<()> {
+    arcgate::server::run(config)
+}

@@ -173,6 +173,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let max_outbound = config.max_outbound_bytes;
         let thread = std::thread::Builder::new()
             .name(format!("arcgate-w{index}"))
+            .stack_size(8 << 20)
             .spawn(move || -> anyhow::Result<()> {
                 pin_to_core(index);
                 let mut worker = Worker::new(env, hub);

@@ -149,44 +149,45 @@ impl Worker {
             unix_ms: ts,
         };
         let mut closed = false;
-        let mut out = |o: Output<'_>| match o {
-            Output::Send(bytes) => {
-                if io.send(id, bytes) == crate::io::conns::Queued::Overflow {
-                    hub.overflowed.push(id);
-                }
-            }
-            Output::Close => {
-                io.close(id, now);
-                closed = true;
-            }
-            Output::Online { identity, version } => hub.online(io, id, identity, version, ts),
-            Output::Relay {
-                event,
-                machine_id,
-                cluster_id,
-                data,
-                services_only,
-            } => hub.relay(io, event, machine_id, cluster_id, data, services_only, ts),
-            Output::CommandResponse { cmd_id, data } => {
-                hub.command_response(io, id, cmd_id, data, ts)
-            }
-            Output::Command {
-                issuer,
-                req_id,
-                machine_id,
-                data,
-            } => {
-                if let Some((key, at)) =
-                    hub.command(io, id, issuer, req_id, machine_id, data, now, ts)
-                {
-                    wheel.insert(at, key);
-                }
-            }
-            Output::Notify { cluster_id, data } => hub.notify(io, cluster_id, data, ts),
-        };
         let session = &mut conn.session;
-        let panicked = catch_unwind(AssertUnwindSafe(|| call(session, &ctx, &mut out))).is_err();
-        drop(out);
+        let panicked = {
+            let mut out = |o: Output<'_>| match o {
+                Output::Send(bytes) => {
+                    if io.send(id, bytes) == crate::io::conns::Queued::Overflow {
+                        hub.overflowed.push(id);
+                    }
+                }
+                Output::Close => {
+                    io.close(id, now);
+                    closed = true;
+                }
+                Output::Online { identity, version } => hub.online(io, id, identity, version, ts),
+                Output::Relay {
+                    event,
+                    machine_id,
+                    cluster_id,
+                    data,
+                    services_only,
+                } => hub.relay(io, event, machine_id, cluster_id, data, services_only, ts),
+                Output::CommandResponse { cmd_id, data } => {
+                    hub.command_response(io, id, cmd_id, data, ts)
+                }
+                Output::Command {
+                    issuer,
+                    req_id,
+                    machine_id,
+                    data,
+                } => {
+                    if let Some((key, at)) =
+                        hub.command(io, id, issuer, req_id, machine_id, data, now, ts)
+                    {
+                        wheel.insert(at, key);
+                    }
+                }
+                Output::Notify { cluster_id, data } => hub.notify(io, cluster_id, data, ts),
+            };
+            catch_unwind(AssertUnwindSafe(|| call(session, &ctx, &mut out))).is_err()
+        };
         if panicked {
             tracing::error!(
                 conn = id.slot,

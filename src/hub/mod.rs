@@ -259,6 +259,7 @@ impl Hub {
     }
 
     /// An agent event: encoded once, delivered here and to every other worker with clients.
+    #[allow(clippy::too_many_arguments)]
     pub fn relay(
         &mut self,
         conns: &mut Conns,

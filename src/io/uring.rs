@@ -142,6 +142,8 @@ pub struct UringLoop {
     listener: TcpListener,
     notifier: std::sync::Arc<Notifier>,
     sends: Vec<Option<Box<SendOp>>>,
+    // Boxed: a send's header must not move while the kernel reads it.
+    #[allow(clippy::vec_box)]
     send_pool: Vec<Box<SendOp>>,
     accept_armed: bool,
     accept_cancelled: bool,

@@ -2,8 +2,22 @@
 //! and encoding, as ready frames, everything the gateway emits.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
+use memchr::memmem::Finder;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use sonic_rs::format::{CompactFormatter, Formatter};
+use sonic_rs::{JsonValueTrait, LazyValue};
+
+use super::codec::{FrameBuf, OP_TEXT};
+
+/// Deepest nesting of arrays and objects accepted in a message (the envelope object counts
+/// as one). sonic-rs validates nested values recursively without a limit of its own
+/// (cloudwego/sonic-rs#232), so deeper input is refused before it reaches the parser.
+/// 32 levels take ~7 KiB of stack in a release build but ~1.5 MiB in a debug build.
+pub const MAX_DEPTH: usize = 32;
 
 /// A parsed inbound message. `data` is the raw, validated JSON text of the `data` field.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,17 +38,198 @@ pub enum EnvelopeError {
     NoEvent,
     #[error("\"id\" must be a string")]
     BadId,
+    /// A top-level field given twice: refused, since peers disagree on which one counts.
+    #[error("\"{0}\" must appear only once")]
+    DuplicateField(&'static str),
+}
+
+/// A string that borrows from the input unless it holds escapes (a bare `Option<Cow>`
+/// field would always allocate).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    data: Option<LazyValue<'a>>,
+    #[serde(borrow)]
+    id: Option<Str<'a>>,
 }
 
 /// Parses one text message.
 pub fn parse(text: &str) -> Result<Inbound<'_>, EnvelopeError> {
-    let _ = text;
-    unimplemented!()
+    if !precheck(text) {
+        return Err(EnvelopeError::NotJson);
+    }
+    // Checked first: a derived struct would also accept an array, field by position.
+    if first_byte(text) != Some(b'{') {
+        return Err(classify(text));
+    }
+    let envelope: Envelope<'_> = sonic_rs::from_str(text).map_err(|_| classify(text))?;
+    let data = match envelope.data.as_ref().map(LazyValue::as_raw_cow) {
+        None => None,
+        Some(Cow::Borrowed(raw)) => Some(raw),
+        // sonic-rs copies a top-level string value that holds escapes; find its text in place.
+        Some(Cow::Owned(_)) => Some(raw_field(text, "data").ok_or(EnvelopeError::NotJson)?),
+    };
+    Ok(Inbound {
+        event: envelope.event,
+        data,
+        id: envelope.id.map(|id| id.0),
+    })
+}
+
+/// The raw text of the value of `name` in the object `text`.
+fn raw_field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    for entry in sonic_rs::to_object_iter(text) {
+        let (key, value) = entry.ok()?;
+        if key == name {
+            return match value.as_raw_cow() {
+                Cow::Borrowed(raw) => Some(raw),
+                Cow::Owned(_) => None,
+            };
+        }
+    }
+    None
+}
+
+/// Finds out why `text` is not an envelope (the typed parse only says that it is not).
+fn classify(text: &str) -> EnvelopeError {
+    if sonic_rs::from_str::<IgnoredAny>(text).is_err() {
+        return EnvelopeError::NotJson;
+    }
+    if first_byte(text) != Some(b'{') {
+        return EnvelopeError::NotObject;
+    }
+    let (mut events, mut ids, mut datas) = (0u32, 0u32, 0u32);
+    let (mut event_is_str, mut id_is_str) = (true, true);
+    for entry in sonic_rs::to_object_iter(text) {
+        let Ok((key, value)) = entry else {
+            return EnvelopeError::NotJson;
+        };
+        match &*key {
+            "event" => {
+                events += 1;
+                event_is_str &= value.is_str();
+            }
+            "id" => {
+                ids += 1;
+                id_is_str &= value.is_str() || value.is_null();
+            }
+            "data" => datas += 1,
+            _ => {}
+        }
+    }
+    if events == 0 || !event_is_str {
+        EnvelopeError::NoEvent
+    } else if !id_is_str {
+        EnvelopeError::BadId
+    } else if events > 1 {
+        EnvelopeError::DuplicateField("event")
+    } else if ids > 1 {
+        EnvelopeError::DuplicateField("id")
+    } else if datas > 1 {
+        EnvelopeError::DuplicateField("data")
+    } else {
+        EnvelopeError::NotJson
+    }
+}
+
+/// What sonic-rs leaves unchecked: nesting at most `MAX_DEPTH` deep, and four hex digits
+/// after each `\u` (its validation skips them unread). Untrusted text must pass this before
+/// it reaches sonic-rs.
+pub fn precheck(text: &str) -> bool {
+    nesting_ok(text) && unicode_escapes_ok(text.as_bytes())
+}
+
+/// Scans from one backslash to the next: in valid JSON they only start escapes.
+fn unicode_escapes_ok(bytes: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(rest) = bytes.get(from..) {
+        let Some(i) = memchr::memchr(b'\\', rest) else {
+            return true;
+        };
+        let at = from + i;
+        if bytes.get(at + 1) == Some(&b'u') {
+            match bytes.get(at + 2..at + 6) {
+                Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+                _ => return false,
+            }
+        }
+        from = at + 2;
+    }
+    true
+}
+
+/// Whether `text` nests arrays and objects at most `MAX_DEPTH` deep. Costs nothing for
+/// short texts and one counting pass for longer ones; only texts with many brackets get
+/// the exact, string-aware scan.
+fn nesting_ok(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    if bytes.len() <= MAX_DEPTH {
+        return true;
+    }
+    let opening = bytes.iter().filter(|&&b| b == b'[' || b == b'{').count();
+    opening <= MAX_DEPTH || exact_depth_ok(bytes)
+}
+
+fn exact_depth_ok(bytes: &[u8]) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'"' => match string_end(bytes, i + 1) {
+                Some(end) => i = end,
+                // Unterminated: the parser stops there, no deeper than this.
+                None => return true,
+            },
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The index of the quote closing the string whose content starts at `from`.
+fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', bytes.get(from..)?)?;
+        if bytes[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+    }
+}
+
+fn is_json_ws(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
+fn first_byte(text: &str) -> Option<u8> {
+    text.trim_start_matches(is_json_ws).bytes().next()
 }
 
 /// Why the `data` of a known event is invalid, e.g. "data.token must be a string".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataError(pub String);
+
+impl std::fmt::Display for DataError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DataError {}
 
 /// `auth` data: `{token, machineId?, version?}`.
 #[derive(Debug, PartialEq, Eq)]
@@ -44,9 +239,28 @@ pub struct AuthData<'a> {
     pub version: Option<Cow<'a, str>>,
 }
 
+#[derive(Deserialize)]
+struct AuthWire<'a> {
+    #[serde(borrow)]
+    token: Cow<'a, str>,
+    #[serde(borrow, rename = "machineId")]
+    machine_id: Option<Str<'a>>,
+    #[serde(borrow)]
+    version: Option<Str<'a>>,
+}
+
+/// A string field of a data object and whether it is required (an optional one may be
+/// absent or `null`).
+type FieldSpec = (&'static str, bool);
+
 pub fn auth_data(data: Option<&str>) -> Result<AuthData<'_>, DataError> {
-    let _ = data;
-    unimplemented!()
+    const FIELDS: &[FieldSpec] = &[("token", true), ("machineId", false), ("version", false)];
+    let wire: AuthWire<'_> = typed(data, FIELDS)?;
+    Ok(AuthData {
+        token: wire.token,
+        machine_id: wire.machine_id.map(|s| s.0),
+        version: wire.version.map(|s| s.0),
+    })
 }
 
 /// `command` data from a client: an object with string `machineId` and `type`
@@ -57,29 +271,120 @@ pub struct CommandData<'a> {
     pub kind: Cow<'a, str>,
 }
 
+#[derive(Deserialize)]
+struct CommandWire<'a> {
+    #[serde(borrow, rename = "machineId")]
+    machine_id: Cow<'a, str>,
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+}
+
 pub fn command_data(data: Option<&str>) -> Result<CommandData<'_>, DataError> {
-    let _ = data;
-    unimplemented!()
+    const FIELDS: &[FieldSpec] = &[("machineId", true), ("type", true)];
+    let wire: CommandWire<'_> = typed(data, FIELDS)?;
+    Ok(CommandData {
+        machine_id: wire.machine_id,
+        kind: wire.kind,
+    })
+}
+
+#[derive(Deserialize)]
+struct IdWire<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
 }
 
 /// The string `id` of a `command:response`'s data object.
 pub fn command_response_id(data: Option<&str>) -> Result<Cow<'_, str>, DataError> {
-    let _ = data;
-    unimplemented!()
+    let wire: IdWire<'_> = typed(data, &[("id", true)])?;
+    Ok(wire.id)
+}
+
+#[derive(Deserialize)]
+struct ClusterWire<'a> {
+    #[serde(borrow, rename = "clusterId")]
+    cluster_id: Cow<'a, str>,
 }
 
 /// The string `clusterId` of a service's `notification` data object.
 pub fn notification_cluster(data: Option<&str>) -> Result<Cow<'_, str>, DataError> {
-    let _ = data;
-    unimplemented!()
+    let wire: ClusterWire<'_> = typed(data, &[("clusterId", true)])?;
+    Ok(wire.cluster_id)
+}
+
+#[derive(Deserialize)]
+struct ServerWire<'a> {
+    #[serde(borrow, rename = "serverId")]
+    _server_id: Cow<'a, str>,
 }
 
 /// Checks the data of an agent event that is relayed (`heartbeat`, `metrics`,
 /// `notification`: an object; `server:status`, `player:joined`, `player:left`: an object
 /// with a string `serverId`) and returns the raw object text.
 pub fn relayed_data<'a>(event: &str, data: Option<&'a str>) -> Result<&'a str, DataError> {
-    let _ = (event, data);
-    unimplemented!()
+    match event {
+        "server:status" | "player:joined" | "player:left" => {
+            typed::<ServerWire<'_>>(data, &[("serverId", true)])?;
+        }
+        _ => {
+            object(data)?;
+        }
+    }
+    Ok(data.unwrap_or_default())
+}
+
+fn not_object() -> DataError {
+    DataError("data must be an object".into())
+}
+
+/// `data` if it is an object text.
+fn object(data: Option<&str>) -> Result<&str, DataError> {
+    match data {
+        Some(text) if first_byte(text) == Some(b'{') => Ok(text),
+        _ => Err(not_object()),
+    }
+}
+
+/// Deserializes the data object into `T`, explaining a failure in terms of `fields`.
+fn typed<'a, T: Deserialize<'a>>(
+    data: Option<&'a str>,
+    fields: &[FieldSpec],
+) -> Result<T, DataError> {
+    // Checked first: a derived struct would also accept an array, field by position.
+    let text = object(data)?;
+    if !precheck(text) {
+        return Err(DataError("data is not valid JSON".into()));
+    }
+    sonic_rs::from_str(text).map_err(|_| explain(text, fields))
+}
+
+/// The first problem with `fields` in the object `text`.
+fn explain(text: &str, fields: &[FieldSpec]) -> DataError {
+    // Per field: how often it appears and whether every occurrence had the right type.
+    let mut seen = [(0u32, true); 4];
+    for entry in sonic_rs::to_object_iter(text) {
+        let Ok((key, value)) = entry else {
+            return not_object();
+        };
+        if let Some(i) = fields.iter().position(|(name, _)| *name == key) {
+            let Some(slot) = seen.get_mut(i) else {
+                continue;
+            };
+            slot.0 += 1;
+            slot.1 &= value.is_str() || (!fields[i].1 && value.is_null());
+        }
+    }
+    for (&(name, required), &(count, type_ok)) in fields.iter().zip(&seen) {
+        if !type_ok || (required && count == 0) {
+            return DataError(format!("data.{name} must be a string"));
+        }
+    }
+    for (&(name, _), &(count, _)) in fields.iter().zip(&seen) {
+        if count > 1 {
+            return DataError(format!("data.{name} must appear only once"));
+        }
+    }
+    DataError("data is invalid".into())
 }
 
 /// The error codes of PROTOCOL.md section 7.
@@ -107,28 +412,104 @@ impl ErrorCode {
 // Encoders. Each returns one complete text frame; `ts_ms` is the top-level `timestamp`
 // (Unix milliseconds). Strings are JSON-escaped; raw `data` texts are spliced unchanged.
 
+/// Room for the fixed JSON punctuation and keys of any encoded message, and a timestamp.
+const OVERHEAD: usize = 96;
+
+/// A text frame's JSON payload being written.
+struct Out(FrameBuf);
+
+impl Out {
+    fn new(payload_hint: usize) -> Self {
+        Out(FrameBuf::with_capacity(payload_hint))
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        self.0.payload().extend_from_slice(bytes);
+    }
+
+    /// A JSON string. Strings that need no escape are copied as they are: the general
+    /// escaper reserves six bytes per input byte, which would grow the frame's buffer.
+    fn str(&mut self, s: &str) {
+        let buf = self.0.payload();
+        if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            buf.reserve(s.len() + 2);
+            buf.push(b'"');
+            buf.extend_from_slice(s.as_bytes());
+            buf.push(b'"');
+        } else {
+            // Writing into a Vec cannot fail.
+            let _ = CompactFormatter.write_string_fast(buf, s, true);
+        }
+    }
+
+    fn num(&mut self, n: u64) {
+        let _ = CompactFormatter.write_u64(self.0.payload(), n);
+    }
+
+    /// Closes the envelope with its `timestamp`.
+    fn finish(mut self, ts_ms: u64) -> Bytes {
+        self.raw(b",\"timestamp\":");
+        self.num(ts_ms);
+        self.raw(b"}");
+        self.0.finish(OP_TEXT)
+    }
+}
+
 /// `{"event":"error","data":{"code","message","timestamp":<secs>},"id"?,"timestamp"}`.
 pub fn error(code: ErrorCode, message: &str, id: Option<&str>, ts_ms: u64) -> Bytes {
-    let _ = (code, message, id, ts_ms);
-    unimplemented!()
+    let id_len = id.map_or(0, str::len);
+    let mut out = Out::new(OVERHEAD + message.len() + id_len);
+    out.raw(b"{\"event\":\"error\",\"data\":{\"code\":");
+    out.str(code.as_str());
+    out.raw(b",\"message\":");
+    out.str(message);
+    out.raw(b",\"timestamp\":");
+    out.num(ts_ms / 1000);
+    out.raw(b"}");
+    if let Some(id) = id {
+        out.raw(b",\"id\":");
+        out.str(id);
+    }
+    out.finish(ts_ms)
 }
 
 /// `authenticated` for an agent: `{machineId, clusterId}`.
 pub fn authenticated_agent(machine_id: &str, cluster_id: &str, ts_ms: u64) -> Bytes {
-    let _ = (machine_id, cluster_id, ts_ms);
-    unimplemented!()
+    let mut out = Out::new(OVERHEAD + machine_id.len() + cluster_id.len());
+    out.raw(b"{\"event\":\"authenticated\",\"data\":{\"machineId\":");
+    out.str(machine_id);
+    out.raw(b",\"clusterId\":");
+    out.str(cluster_id);
+    out.raw(b"}");
+    out.finish(ts_ms)
 }
 
 /// `authenticated` for a user or service: `{userId, role, clusters}` (a service: `["*"]`).
 pub fn authenticated_client(user_id: &str, role: &str, clusters: &[Box<str>], ts_ms: u64) -> Bytes {
-    let _ = (user_id, role, clusters, ts_ms);
-    unimplemented!()
+    let clusters_len: usize = clusters.iter().map(|c| c.len() + 3).sum();
+    let mut out = Out::new(OVERHEAD + user_id.len() + role.len() + clusters_len);
+    out.raw(b"{\"event\":\"authenticated\",\"data\":{\"userId\":");
+    out.str(user_id);
+    out.raw(b",\"role\":");
+    out.str(role);
+    out.raw(b",\"clusters\":[");
+    for (i, cluster) in clusters.iter().enumerate() {
+        if i > 0 {
+            out.raw(b",");
+        }
+        out.str(cluster);
+    }
+    out.raw(b"]}");
+    out.finish(ts_ms)
 }
 
 /// `token:expiring` `{expiresAt}` (Unix seconds).
 pub fn token_expiring(expires_at: u64, ts_ms: u64) -> Bytes {
-    let _ = (expires_at, ts_ms);
-    unimplemented!()
+    let mut out = Out::new(OVERHEAD);
+    out.raw(b"{\"event\":\"token:expiring\",\"data\":{\"expiresAt\":");
+    out.num(expires_at);
+    out.raw(b"}");
+    out.finish(ts_ms)
 }
 
 /// `machine:online` / `machine:offline` `{machineId, clusterId, version}`.
@@ -139,33 +520,936 @@ pub fn machine_presence(
     version: &str,
     ts_ms: u64,
 ) -> Bytes {
-    let _ = (event, machine_id, cluster_id, version, ts_ms);
-    unimplemented!()
+    let mut out =
+        Out::new(OVERHEAD + event.len() + machine_id.len() + cluster_id.len() + version.len());
+    out.raw(b"{\"event\":");
+    out.str(event);
+    out.raw(b",\"data\":{\"machineId\":");
+    out.str(machine_id);
+    out.raw(b",\"clusterId\":");
+    out.str(cluster_id);
+    out.raw(b",\"version\":");
+    out.str(version);
+    out.raw(b"}");
+    out.finish(ts_ms)
+}
+
+/// The keys a splice leaves out of a data object.
+struct Dropped {
+    names: [&'static str; 2],
+    /// The names with their quotes: a key written without escapes contains one of these.
+    quoted: [Finder<'static>; 2],
+}
+
+static RELAY_DROPPED: LazyLock<Dropped> = LazyLock::new(|| Dropped {
+    names: ["machineId", "clusterId"],
+    quoted: [Finder::new(b"\"machineId\""), Finder::new(b"\"clusterId\"")],
+});
+
+static COMMAND_DROPPED: LazyLock<Dropped> = LazyLock::new(|| Dropped {
+    names: ["machineId", "id"],
+    quoted: [Finder::new(b"\"machineId\""), Finder::new(b"\"id\"")],
+});
+
+/// The dropped names are all letters, so a key spelling one of them with escapes has a `\u`.
+static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+
+/// Appends `,"key":<raw value>` for each field of the object `data`, in order, except the
+/// `dropped` keys (compared unescaped). Values are copied byte for byte.
+fn splice_fields(out: &mut Out, data: &str, dropped: &Dropped) {
+    let Some(inner) = object_inner(data) else {
+        return;
+    };
+    if inner.is_empty() {
+        return;
+    }
+    let bytes = inner.as_bytes();
+    let clean = dropped.quoted.iter().all(|f| f.find(bytes).is_none())
+        && UNICODE_ESCAPE.find(bytes).is_none();
+    if clean {
+        out.raw(b",");
+        out.raw(bytes);
+        return;
+    }
+    if !precheck(data) {
+        return;
+    }
+    for entry in sonic_rs::to_object_iter(data) {
+        // `data` was validated when it was parsed: an error here cannot happen, and
+        // stopping keeps the output valid JSON.
+        let Ok((key, value)) = entry else { break };
+        if dropped.names.contains(&&*key) {
+            continue;
+        }
+        out.raw(b",");
+        out.str(&key);
+        out.raw(b":");
+        out.raw(value.as_raw_str().as_bytes());
+    }
+}
+
+/// The text between the braces of an object text, without surrounding whitespace.
+fn object_inner(data: &str) -> Option<&str> {
+    let inner = data
+        .trim_matches(is_json_ws)
+        .strip_prefix('{')?
+        .strip_suffix('}')?;
+    Some(inner.trim_matches(is_json_ws))
 }
 
 /// A relayed agent event: `{"event":<event>,"data":{"machineId","clusterId",<every other
 /// field of data, in order, except machineId and clusterId>},"timestamp"}`.
 /// `data` is a JSON object text.
 pub fn relay(event: &str, machine_id: &str, cluster_id: &str, data: &str, ts_ms: u64) -> Bytes {
-    let _ = (event, machine_id, cluster_id, data, ts_ms);
-    unimplemented!()
+    let mut out =
+        Out::new(OVERHEAD + event.len() + machine_id.len() + cluster_id.len() + data.len());
+    out.raw(b"{\"event\":");
+    out.str(event);
+    out.raw(b",\"data\":{\"machineId\":");
+    out.str(machine_id);
+    out.raw(b",\"clusterId\":");
+    out.str(cluster_id);
+    splice_fields(&mut out, data, &RELAY_DROPPED);
+    out.raw(b"}");
+    out.finish(ts_ms)
 }
 
 /// The command an agent receives: `{"event":"command","data":{"id":<cmd_id>,<every field
 /// of data except machineId and id>},"timestamp"}`.
 pub fn command_to_agent(cmd_id: &str, data: &str, ts_ms: u64) -> Bytes {
-    let _ = (cmd_id, data, ts_ms);
-    unimplemented!()
+    let mut out = Out::new(OVERHEAD + cmd_id.len() + data.len());
+    out.raw(b"{\"event\":\"command\",\"data\":{\"id\":");
+    out.str(cmd_id);
+    splice_fields(&mut out, data, &COMMAND_DROPPED);
+    out.raw(b"}");
+    out.finish(ts_ms)
 }
 
 /// What the issuer receives: `{"event":"command:response","id":<req_id>,"data":<data>,"timestamp"}`.
 pub fn command_response(req_id: &str, data: &str, ts_ms: u64) -> Bytes {
-    let _ = (req_id, data, ts_ms);
-    unimplemented!()
+    let mut out = Out::new(OVERHEAD + req_id.len() + data.len());
+    out.raw(b"{\"event\":\"command:response\",\"id\":");
+    out.str(req_id);
+    out.raw(b",\"data\":");
+    out.raw(data.as_bytes());
+    out.finish(ts_ms)
 }
 
 /// A service's notification relayed to a cluster: `{"event":"notification","data":<data>,"timestamp"}`.
 pub fn notification(data: &str, ts_ms: u64) -> Bytes {
-    let _ = (data, ts_ms);
-    unimplemented!()
+    let mut out = Out::new(OVERHEAD + data.len());
+    out.raw(b"{\"event\":\"notification\",\"data\":");
+    out.raw(data.as_bytes());
+    out.finish(ts_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// The JSON payload of one unmasked, final text frame.
+    fn payload_text(frame: &Bytes) -> &str {
+        assert_eq!(frame[0], 0x81, "FIN + text opcode");
+        let (len, start) = match frame[1] {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        assert_eq!(frame.len(), start + len, "declared length");
+        std::str::from_utf8(&frame[start..]).unwrap()
+    }
+
+    fn payload(frame: &Bytes) -> Value {
+        serde_json::from_str(payload_text(frame)).unwrap()
+    }
+
+    const TRICKY: &[&str] = &[
+        "",
+        "plain",
+        "quote \" inside",
+        "back\\slash",
+        "\\u0041 looks escaped",
+        "line\nbreak\ttab\rcr",
+        "\u{0}\u{1}\u{1f}\u{7f}",
+        "\u{8}\u{c}",
+        "héllo ünïcode ✓ 😀",
+        "\u{2028}\u{2029}",
+        "</script>",
+        "a long string that goes past one SIMD lane of thirty-two bytes \" and \\ and \n at the end",
+    ];
+
+    // parse
+
+    #[test]
+    fn parses_heartbeat_and_borrows_everything() {
+        let text = r#"{"event":"heartbeat","data":{"machineId":"m1","cpu":12.5,"memory":{"used":1}},"id":"r1"}"#;
+        let msg = parse(text).unwrap();
+        assert_eq!(msg.event, "heartbeat");
+        assert!(matches!(msg.event, Cow::Borrowed(_)));
+        assert_eq!(
+            msg.data,
+            Some(r#"{"machineId":"m1","cpu":12.5,"memory":{"used":1}}"#)
+        );
+        assert_eq!(msg.id.as_deref(), Some("r1"));
+        assert!(matches!(msg.id, Some(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped_into_owned() {
+        let msg = parse(r#"{"event":"server\u003astatus","id":"r\"1"}"#).unwrap();
+        assert_eq!(msg.event, "server:status");
+        assert!(matches!(msg.event, Cow::Owned(_)));
+        assert_eq!(msg.id.as_deref(), Some("r\"1"));
+        assert!(matches!(msg.id, Some(Cow::Owned(_))));
+    }
+
+    #[test]
+    fn data_raw_text_is_exact_whatever_its_type() {
+        let cases = [
+            (
+                r#"{"event":"e","data": { "a" : [1, 2,{"b":null}] } }"#,
+                r#"{ "a" : [1, 2,{"b":null}] }"#,
+            ),
+            (r#"{"event":"e","data":"te\"xt"}"#, r#""te\"xt""#),
+            (r#"{"event":"e","data":"plain"}"#, r#""plain""#),
+            (
+                r#"{"x":"\u0041","data" : "\u00e9\n" ,"event":"e"}"#,
+                r#""\u00e9\n""#,
+            ),
+            (r#"{"event":"e","data":[1,"x"]}"#, r#"[1,"x"]"#),
+            (r#"{"event":"e","data":-1.5e3}"#, "-1.5e3"),
+            (r#"{"event":"e","data":false}"#, "false"),
+        ];
+        for (text, raw) in cases {
+            assert_eq!(parse(text).unwrap().data, Some(raw), "{text}");
+        }
+    }
+
+    #[test]
+    fn null_or_missing_data_and_id_are_absent() {
+        for text in [
+            r#"{"event":"e"}"#,
+            r#"{"event":"e","data":null,"id":null}"#,
+            r#"  {"id":null, "event":"e" }  "#,
+        ] {
+            let msg = parse(text).unwrap();
+            assert_eq!(
+                msg,
+                Inbound {
+                    event: Cow::Borrowed("e"),
+                    data: None,
+                    id: None
+                },
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_top_level_fields_are_ignored() {
+        let msg = parse(r#"{"x":{"y":[1,{}]},"event":"e","timestamp":123,"z":"w"}"#).unwrap();
+        assert_eq!(msg.event, "e");
+        assert_eq!(msg.data, None);
+    }
+
+    #[test]
+    fn escaped_top_level_keys_are_recognised() {
+        let msg = parse(r#"{"ev\u0065nt":"e","\u0069d":"r"}"#).unwrap();
+        assert_eq!(msg.event, "e");
+        assert_eq!(msg.id.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn not_json() {
+        for text in [
+            "",
+            "   ",
+            "{",
+            "{\"event\":\"e\"",
+            "{\"event\":\"e\"} trailing",
+            "{\"event\":\"e\"}{}",
+            "{'event':'e'}",
+            "{\"event\":\"e\",}",
+            "{\"event\":\"e\",\"data\":{\"a\":1,}}",
+            "{\"event\":\"e\",\"data\":[1 2]}",
+            "{\"event\":\"e\",\"other\":[1,]}",
+            "{\"event\":\"e\",\"other\":tru}",
+            "{\"event\":\"e\",\"data\":\"\\x\"}",
+            "{\"event\":\"e\",\"data\":01}",
+            "{\"event\":\"e\",\"data\":NaN}",
+        ] {
+            assert_eq!(parse(text), Err(EnvelopeError::NotJson), "{text:?}");
+        }
+    }
+
+    /// Valid JSON grammar (RFC 8259, and JavaScript's `JSON.parse` takes them) that
+    /// serde_json refuses: a lone surrogate escape, a number beyond f64.
+    const GRAMMAR_ONLY: &[&str] = &[r#""\ud800""#, r#""\udc00x""#, "1e400"];
+
+    #[test]
+    fn accepts_exactly_what_serde_json_accepts() {
+        let values = [
+            "\"a\nb\"",
+            "\"a\u{0}b\"",
+            "\"tab\there\"",
+            "\"\u{1f}\"",
+            "\"\u{7f}\"",
+            "\"é😀\"",
+            r#""\ud83d\ude00""#,
+            r#""\ud800""#,
+            r#""\udc00x""#,
+            r#""\u12""#,
+            r#""\uZZZZ""#,
+            r#""\u00e""#,
+            r#""\u""#,
+            r#""\u","a":""#,
+            r#""\\u""#,
+            r#""\\\u0041""#,
+            r#""\\\uD83D\uDE00""#,
+            r#""\a""#,
+            r#""\/""#,
+            "0",
+            "-0",
+            "01",
+            "-",
+            "1.",
+            ".5",
+            "+1",
+            "1e",
+            "1e+",
+            "1E-7",
+            "-1.5e300",
+            "1e400",
+            "123456789012345678901234567890",
+            "true",
+            "True",
+            "nul",
+            "[]",
+            "[,]",
+            "[1,]",
+            "{}",
+            r#"{"a"}"#,
+            r#"{"a":}"#,
+            "{1:2}",
+            r#"{"a":1 "b":2}"#,
+            "[1]]",
+            "\u{c}1",
+            "1\u{c}",
+            "/*c*/1",
+            "\u{feff}1",
+        ];
+        for v in values {
+            for text in [
+                format!(r#"{{"event":"e","data":{v}}}"#),
+                format!(r#"{{"event":"e","x":{v}}}"#),
+                format!(r#"{{"event":"e","data":[{{"k":{v}}}]}}"#),
+            ] {
+                let valid =
+                    serde_json::from_str::<Value>(&text).is_ok() || GRAMMAR_ONLY.contains(&v);
+                assert_eq!(parse(&text).is_ok(), valid, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unicode_escapes_need_four_hex_digits_everywhere() {
+        assert!(unicode_escapes_ok(br#""\u0041 \\u \\\\ \"\uFfFf""#));
+        for bad in [
+            r#""\u004""#,
+            r#""\uG000""#,
+            r#""\\\u12""#,
+            r#"\u"#,
+            r#""\u00"#,
+        ] {
+            assert!(!unicode_escapes_ok(bad.as_bytes()), "{bad}");
+        }
+        // Wherever they are: a relayed or forwarded object never carries one unchecked.
+        let bad = r#"{"a":"\uZZZZ"}"#;
+        assert_eq!(
+            command_data(Some(bad)),
+            Err(DataError("data is not valid JSON".into()))
+        );
+        assert_eq!(
+            payload(&relay("e", "m", "c", r#"{"\u0061":"\uZZZZ"}"#, 1)),
+            json!({"event":"e","data":{"machineId":"m","clusterId":"c"},"timestamp":1})
+        );
+    }
+
+    #[test]
+    fn not_object() {
+        for text in [
+            "[]",
+            "[{\"event\":\"e\"}]",
+            "[\"e\"]",
+            "[\"e\",{},\"id\"]",
+            "\"event\"",
+            "42",
+            "null",
+            " true ",
+        ] {
+            assert_eq!(parse(text), Err(EnvelopeError::NotObject), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn no_event() {
+        for text in [
+            "{}",
+            r#"{"data":{}}"#,
+            r#"{"event":null}"#,
+            r#"{"event":1}"#,
+            r#"{"event":["e"]}"#,
+            r#"{"event":{"name":"e"}}"#,
+            r#"{"Event":"e"}"#,
+            r#"{"event":1,"id":2}"#,
+        ] {
+            assert_eq!(parse(text), Err(EnvelopeError::NoEvent), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bad_id() {
+        for text in [
+            r#"{"event":"e","id":1}"#,
+            r#"{"event":"e","id":true}"#,
+            r#"{"event":"e","id":["r"]}"#,
+            r#"{"id":{},"event":"e"}"#,
+        ] {
+            assert_eq!(parse(text), Err(EnvelopeError::BadId), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_fields_are_refused() {
+        let cases = [
+            (r#"{"event":"a","event":"b"}"#, "event"),
+            (r#"{"event":"a","ev\u0065nt":"b"}"#, "event"),
+            (r#"{"event":"a","id":"1","id":"2"}"#, "id"),
+            (r#"{"event":"a","id":null,"id":"2"}"#, "id"),
+            (r#"{"event":"a","data":{},"data":[]}"#, "data"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(
+                parse(text),
+                Err(EnvelopeError::DuplicateField(field)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_texts() {
+        assert_eq!(
+            EnvelopeError::NoEvent.to_string(),
+            "message needs a string \"event\""
+        );
+        assert_eq!(
+            EnvelopeError::DuplicateField("id").to_string(),
+            "\"id\" must appear only once"
+        );
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}0{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// Runs `f` on a thread with `stack` bytes of stack.
+    fn with_stack<T: Send + 'static>(stack: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted() {
+        // The envelope is one level. A debug build needs ~50 KiB of stack per level.
+        let data = nested(MAX_DEPTH - 1);
+        let text = format!(r#"{{"event":"e","data":{data}}}"#);
+        let parsed = with_stack(8 << 20, move || {
+            parse(&text).map(|m| m.data.map(str::to_owned))
+        });
+        assert_eq!(parsed, Ok(Some(data)));
+        let too_deep = format!(r#"{{"event":"e","data":{}}}"#, nested(MAX_DEPTH));
+        assert_eq!(parse(&too_deep), Err(EnvelopeError::NotJson));
+    }
+
+    #[test]
+    fn many_shallow_containers_are_accepted() {
+        let disks = vec![r#"{"name":"sda","used":[1,2]}"#; 200].join(",");
+        let text = format!(r#"{{"event":"metrics","data":{{"disk":[{disks}]}}}}"#);
+        assert!(nesting_ok(&text));
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count() {
+        let text = format!(
+            r#"{{"event":"e","data":"{}\"{{\\","x":["]"]}}"#,
+            "[".repeat(1000)
+        );
+        assert!(nesting_ok(&text));
+        assert!(parse(&text).is_ok());
+        // An escaped quote does not end the string.
+        let text = format!(r#"["\"{}"]"#, "[".repeat(100));
+        assert!(nesting_ok(&text));
+        // A string that never ends: the parser stops there.
+        assert!(nesting_ok(&format!(r#"["{}"#, "[".repeat(100))));
+        assert!(nesting_ok(&format!(r#"["\"{}"#, "[".repeat(100))));
+        assert!(nesting_ok(&format!(r#"["{}\"#, "[".repeat(100))));
+        // An escaped backslash does end it.
+        assert!(!nesting_ok(&format!(r#"["\\"{}"]"#, "[".repeat(100))));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        // A small stack: the refusal must not depend on the parser's recursion.
+        let results = with_stack(256 * 1024, || {
+            let in_data = format!(r#"{{"event":"e","data":{}}}"#, nested(100_000));
+            let ignored = format!(r#"{{"x":{},"event":"e"}}"#, nested(100_000));
+            let objects = format!(r#"{{"event":"e","data":{}}}"#, "{\"a\":".repeat(100_000));
+            [in_data, ignored, objects].map(|t| parse(&t).map(|_| ()))
+        });
+        assert_eq!(results, [const { Err(EnvelopeError::NotJson) }; 3]);
+        assert!(!nesting_ok(&nested(MAX_DEPTH + 1)));
+        assert!(nesting_ok(&nested(MAX_DEPTH)));
+        let deep_data = format!(r#"{{"token":"t","x":{}}}"#, nested(1000));
+        let results = with_stack(256 * 1024, move || {
+            let d = Some(deep_data.as_str());
+            (
+                auth_data(d).map(|_| ()),
+                payload_text(&relay(
+                    "e",
+                    "m",
+                    "c",
+                    &format!(r#"{{"\u0061":{}}}"#, nested(1000)),
+                    1,
+                ))
+                .to_owned(),
+            )
+        });
+        assert_eq!(results.0, Err(DataError("data is not valid JSON".into())));
+        assert_eq!(
+            results.1,
+            r#"{"event":"e","data":{"machineId":"m","clusterId":"c"},"timestamp":1}"#
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_escape_sequences_are_refused() {
+        // A lone surrogate escape is not a valid string.
+        assert!(parse(r#"{"event":"\ud800"}"#).is_err());
+    }
+
+    // typed data
+
+    #[test]
+    fn auth_data_fields() {
+        let d = auth_data(Some(
+            r#"{"token":"t.k.n","machineId":"m1","version":"0.4.18","x":1}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            d,
+            AuthData {
+                token: Cow::Borrowed("t.k.n"),
+                machine_id: Some(Cow::Borrowed("m1")),
+                version: Some(Cow::Borrowed("0.4.18")),
+            }
+        );
+        assert!(matches!(d.machine_id, Some(Cow::Borrowed(_))));
+        let d = auth_data(Some(r#"{"token":"t","machineId":null}"#)).unwrap();
+        assert_eq!(
+            (d.token.as_ref(), d.machine_id, d.version),
+            ("t", None, None)
+        );
+    }
+
+    fn data_err(text: &str) -> String {
+        text.to_string()
+    }
+
+    #[test]
+    fn auth_data_errors() {
+        let cases: &[(Option<&str>, &str)] = &[
+            (None, "data must be an object"),
+            (Some("\"t\""), "data must be an object"),
+            (Some(r#"["t"]"#), "data must be an object"),
+            (Some("{}"), "data.token must be a string"),
+            (Some(r#"{"token":1}"#), "data.token must be a string"),
+            (Some(r#"{"token":null}"#), "data.token must be a string"),
+            (
+                Some(r#"{"token":"t","machineId":7}"#),
+                "data.machineId must be a string",
+            ),
+            (
+                Some(r#"{"token":"t","version":{}}"#),
+                "data.version must be a string",
+            ),
+            (
+                Some(r#"{"token":"t","token":"u"}"#),
+                "data.token must appear only once",
+            ),
+        ];
+        for &(data, message) in cases {
+            assert_eq!(
+                auth_data(data),
+                Err(DataError(data_err(message))),
+                "{data:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn command_data_fields_and_errors() {
+        let d = command_data(Some(
+            r#"{"machineId":"m1","type":"server:start","serverId":"s"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            (d.machine_id.as_ref(), d.kind.as_ref()),
+            ("m1", "server:start")
+        );
+        let cases: &[(Option<&str>, &str)] = &[
+            (None, "data must be an object"),
+            (Some("[]"), "data must be an object"),
+            (Some(r#"{"type":"x"}"#), "data.machineId must be a string"),
+            (
+                Some(r#"{"machineId":1,"type":"x"}"#),
+                "data.machineId must be a string",
+            ),
+            (Some(r#"{"machineId":"m"}"#), "data.type must be a string"),
+            (
+                Some(r#"{"machineId":"m","type":null}"#),
+                "data.type must be a string",
+            ),
+            (
+                Some(r#"{"machineId":"m","type":"x","machine\u0049d":"n"}"#),
+                "data.machineId must appear only once",
+            ),
+        ];
+        for &(data, message) in cases {
+            assert_eq!(
+                command_data(data),
+                Err(DataError(data_err(message))),
+                "{data:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn command_response_id_and_notification_cluster() {
+        assert_eq!(
+            command_response_id(Some(r#"{"id":"cmd_1","success":true}"#)).unwrap(),
+            "cmd_1"
+        );
+        assert_eq!(
+            command_response_id(Some(r#"{"success":true}"#)),
+            Err(DataError("data.id must be a string".into()))
+        );
+        assert_eq!(
+            command_response_id(None),
+            Err(DataError("data must be an object".into()))
+        );
+        assert_eq!(
+            notification_cluster(Some(r#"{"clusterId":"c\n1"}"#)).unwrap(),
+            "c\n1"
+        );
+        assert_eq!(
+            notification_cluster(Some(r#"{"clusterId":5}"#)),
+            Err(DataError("data.clusterId must be a string".into()))
+        );
+    }
+
+    #[test]
+    fn relayed_data_checks() {
+        let obj = r#"{"cpu":1}"#;
+        for event in ["heartbeat", "metrics", "notification"] {
+            assert_eq!(relayed_data(event, Some(obj)), Ok(obj));
+            assert_eq!(
+                relayed_data(event, Some("[]")),
+                Err(DataError("data must be an object".into()))
+            );
+            assert_eq!(
+                relayed_data(event, None),
+                Err(DataError("data must be an object".into()))
+            );
+        }
+        let status = r#"{"serverId":"s1","status":"running"}"#;
+        for event in ["server:status", "player:joined", "player:left"] {
+            assert_eq!(relayed_data(event, Some(status)), Ok(status));
+            assert_eq!(
+                relayed_data(event, Some(obj)),
+                Err(DataError("data.serverId must be a string".into()))
+            );
+            assert_eq!(
+                relayed_data(event, Some(r#"{"serverId":3}"#)),
+                Err(DataError("data.serverId must be a string".into()))
+            );
+            assert_eq!(
+                relayed_data(event, Some("1")),
+                Err(DataError("data must be an object".into()))
+            );
+        }
+    }
+
+    #[test]
+    fn data_helpers_work_on_parsed_data() {
+        let msg = parse(r#"{"event":"auth","data":{"token":"abc"}}"#).unwrap();
+        assert_eq!(auth_data(msg.data).unwrap().token, "abc");
+    }
+
+    // encoders
+
+    #[test]
+    fn error_frame() {
+        let f = error(
+            ErrorCode::InvalidMessage,
+            "bad \"thing\"",
+            Some("r\\1"),
+            1_641_823_200_123,
+        );
+        assert_eq!(
+            payload(&f),
+            json!({"event":"error","data":{"code":"INVALID_MESSAGE","message":"bad \"thing\"","timestamp":1_641_823_200u64},"id":"r\\1","timestamp":1_641_823_200_123u64})
+        );
+        let f = error(ErrorCode::AuthTimeout, "x", None, 999);
+        assert_eq!(
+            payload(&f),
+            json!({"event":"error","data":{"code":"AUTH_TIMEOUT","message":"x","timestamp":0},"timestamp":999})
+        );
+    }
+
+    #[test]
+    fn error_codes_on_the_wire() {
+        let codes = [
+            (ErrorCode::AuthFailed, "AUTH_FAILED"),
+            (ErrorCode::AuthTimeout, "AUTH_TIMEOUT"),
+            (ErrorCode::InvalidMessage, "INVALID_MESSAGE"),
+            (ErrorCode::CommandFailed, "COMMAND_FAILED"),
+            (ErrorCode::RateLimit, "RATE_LIMIT"),
+        ];
+        for (code, text) in codes {
+            assert_eq!(payload(&error(code, "m", None, 0))["data"]["code"], text);
+        }
+    }
+
+    #[test]
+    fn authenticated_frames() {
+        assert_eq!(
+            payload(&authenticated_agent("mch_123", "clu_abc", 5)),
+            json!({"event":"authenticated","data":{"machineId":"mch_123","clusterId":"clu_abc"},"timestamp":5})
+        );
+        let clusters: Vec<Box<str>> = vec!["clu_a".into(), "clu \"b\"".into()];
+        assert_eq!(
+            payload(&authenticated_client("usr_1", "user", &clusters, 6)),
+            json!({"event":"authenticated","data":{"userId":"usr_1","role":"user","clusters":["clu_a","clu \"b\""]},"timestamp":6})
+        );
+        assert_eq!(
+            payload(&authenticated_client("svc", "service", &["*".into()], 7)),
+            json!({"event":"authenticated","data":{"userId":"svc","role":"service","clusters":["*"]},"timestamp":7})
+        );
+        assert_eq!(
+            payload(&authenticated_client("u", "user", &[], 8))["data"]["clusters"],
+            json!([])
+        );
+    }
+
+    #[test]
+    fn token_expiring_and_presence_frames() {
+        assert_eq!(
+            payload(&token_expiring(1_700_000_000, u64::MAX)),
+            json!({"event":"token:expiring","data":{"expiresAt":1_700_000_000u64},"timestamp":u64::MAX})
+        );
+        for event in ["machine:online", "machine:offline"] {
+            assert_eq!(
+                payload(&machine_presence(event, "m", "c", "0.4.18", 1)),
+                json!({"event":event,"data":{"machineId":"m","clusterId":"c","version":"0.4.18"},"timestamp":1})
+            );
+        }
+    }
+
+    #[test]
+    fn every_string_is_escaped() {
+        for &s in TRICKY {
+            let f = machine_presence(s, s, s, s, 1);
+            assert_eq!(
+                payload(&f),
+                json!({"event":s,"data":{"machineId":s,"clusterId":s,"version":s},"timestamp":1}),
+                "{s:?}"
+            );
+            let f = error(ErrorCode::CommandFailed, s, Some(s), 0);
+            assert_eq!(payload(&f)["data"]["message"], s);
+            assert_eq!(payload(&f)["id"], s);
+            // The same bytes as serde_json writes.
+            let expected = serde_json::to_string(s).unwrap();
+            assert!(
+                payload_text(&f).contains(&format!("\"message\":{expected}")),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn relay_without_dropped_keys_keeps_the_object_byte_for_byte() {
+        let data = r#"{"serverId":"s1","status":"running","players":[{"id":1,"n":"a"}],"nested":{"x":{"y":[]}},"n":1.50}"#;
+        let f = relay("server:updated", "mch_1", "clu_1", data, 42);
+        assert_eq!(
+            payload_text(&f),
+            r#"{"event":"server:updated","data":{"machineId":"mch_1","clusterId":"clu_1","serverId":"s1","status":"running","players":[{"id":1,"n":"a"}],"nested":{"x":{"y":[]}},"n":1.50},"timestamp":42}"#
+        );
+    }
+
+    #[test]
+    fn relay_replaces_dropped_keys_and_keeps_order() {
+        let data =
+            r#"{"a":1,"machineId":"fake","b":{"machineId":"inner"},"clusterId":"fake","c":[true]}"#;
+        let f = relay("heartbeat", "m", "c", data, 1);
+        assert_eq!(
+            payload_text(&f),
+            r#"{"event":"heartbeat","data":{"machineId":"m","clusterId":"c","a":1,"b":{"machineId":"inner"},"c":[true]},"timestamp":1}"#
+        );
+    }
+
+    #[test]
+    fn relay_compares_keys_unescaped() {
+        let data =
+            r#"{"machine\u0049d":"fake","cluster\u0049\u0064":"fake","k\u00e9y":"v","\u0061":2}"#;
+        let f = relay("metrics", "m", "c", data, 1);
+        assert_eq!(
+            payload(&f),
+            json!({"event":"metrics","data":{"machineId":"m","clusterId":"c","kéy":"v","a":2},"timestamp":1})
+        );
+        assert_eq!(
+            payload_text(&f),
+            r#"{"event":"metrics","data":{"machineId":"m","clusterId":"c","kéy":"v","a":2},"timestamp":1}"#
+        );
+    }
+
+    #[test]
+    fn relay_slow_path_keeps_values_byte_for_byte() {
+        // A "\u" in a value forces the field-by-field path.
+        let data = "{ \"machineId\" : \"x\" ,\n \"v\" : { \"s\" : \"\\u00e9\\\"\" , \"a\" : [ 1 , 2 ] } , \"w\":-0.0e+1 }";
+        let f = relay("metrics", "m", "c", data, 1);
+        assert_eq!(
+            payload_text(&f),
+            "{\"event\":\"metrics\",\"data\":{\"machineId\":\"m\",\"clusterId\":\"c\",\"v\":{ \"s\" : \"\\u00e9\\\"\" , \"a\" : [ 1 , 2 ] },\"w\":-0.0e+1},\"timestamp\":1}"
+        );
+    }
+
+    #[test]
+    fn relay_of_empty_and_spaced_objects() {
+        for data in ["{}", " { } ", "{\n}"] {
+            assert_eq!(
+                payload_text(&relay("heartbeat", "m", "c", data, 1)),
+                r#"{"event":"heartbeat","data":{"machineId":"m","clusterId":"c"},"timestamp":1}"#,
+                "{data:?}"
+            );
+        }
+        assert_eq!(
+            payload_text(&relay("heartbeat", "m", "c", "{ \n\"a\" : 1 \t}", 1)),
+            r#"{"event":"heartbeat","data":{"machineId":"m","clusterId":"c","a" : 1},"timestamp":1}"#
+        );
+        // Only dropped keys: nothing is left.
+        assert_eq!(
+            payload(&relay(
+                "heartbeat",
+                "m",
+                "c",
+                r#"{"machineId":"x","clusterId":"y"}"#,
+                1
+            )),
+            json!({"event":"heartbeat","data":{"machineId":"m","clusterId":"c"},"timestamp":1})
+        );
+    }
+
+    #[test]
+    fn relay_with_unicode_and_escaped_strings() {
+        let data =
+            r#"{"player":{"username":"Jörg 😀 \"the\" \\ best","steamId":"7656"},"serverId":"s"}"#;
+        let f = relay("player:joined", "m\"1", "c", data, 1);
+        assert_eq!(
+            payload(&f),
+            json!({"event":"player:joined","data":{"machineId":"m\"1","clusterId":"c","player":{"username":"Jörg 😀 \"the\" \\ best","steamId":"7656"},"serverId":"s"},"timestamp":1})
+        );
+        assert!(payload_text(&f)
+            .contains(r#""player":{"username":"Jörg 😀 \"the\" \\ best","steamId":"7656"}"#));
+    }
+
+    #[test]
+    fn relay_of_a_non_object_adds_no_fields() {
+        for data in ["[1,2]", "\"x\"", "", "{\"a\":"] {
+            assert_eq!(
+                payload(&relay("heartbeat", "m", "c", data, 1)),
+                json!({"event":"heartbeat","data":{"machineId":"m","clusterId":"c"},"timestamp":1}),
+                "{data:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn relay_of_a_large_object_uses_extended_lengths() {
+        for n in [200, 70_000] {
+            let data = format!(r#"{{"blob":"{}"}}"#, "x".repeat(n));
+            let f = relay("metrics", "m", "c", &data, 1);
+            assert_eq!(payload(&f)["data"]["blob"].as_str().unwrap().len(), n);
+        }
+    }
+
+    #[test]
+    fn command_to_agent_puts_the_gateway_id_first() {
+        let data = r#"{"machineId":"mch_123","type":"server:start","id":"spoof","serverId":"srv_xyz","opts":{"id":1}}"#;
+        let f = command_to_agent("cmd_7", data, 3);
+        assert_eq!(
+            payload_text(&f),
+            r#"{"event":"command","data":{"id":"cmd_7","type":"server:start","serverId":"srv_xyz","opts":{"id":1}},"timestamp":3}"#
+        );
+        let f = command_to_agent(
+            "cmd_8",
+            r#"{"type":"x","\u0069d":"spoof","machine\u0049d":"m"}"#,
+            3,
+        );
+        assert_eq!(
+            payload(&f),
+            json!({"event":"command","data":{"id":"cmd_8","type":"x"},"timestamp":3})
+        );
+        // The fast path: nothing to drop.
+        let f = command_to_agent("c", r#"{"type":"x","serverId":"s"}"#, 3);
+        assert_eq!(
+            payload_text(&f),
+            r#"{"event":"command","data":{"id":"c","type":"x","serverId":"s"},"timestamp":3}"#
+        );
+    }
+
+    #[test]
+    fn command_response_and_notification_splice_data_unchanged() {
+        let data =
+            r#"{"id":"cmd_1","success":false,"error":"disk \"full\"","result":{ "a" : [1] }}"#;
+        assert_eq!(
+            payload_text(&command_response("req_\"1", data, 9)),
+            format!(r#"{{"event":"command:response","id":"req_\"1","data":{data},"timestamp":9}}"#)
+        );
+        let data = r#"{"clusterId":"c","type":"maintenance","message":"ünïcode"}"#;
+        assert_eq!(
+            payload_text(&notification(data, 10)),
+            format!(r#"{{"event":"notification","data":{data},"timestamp":10}}"#)
+        );
+    }
+
+    #[test]
+    fn frames_carry_no_spare_escape_reservation() {
+        // Plain strings must not trigger the escaper's six-bytes-per-byte reservation.
+        let id = "x".repeat(1000);
+        let f = authenticated_agent(&id, &id, 1);
+        assert_eq!(
+            payload(&f)["data"]["machineId"].as_str().unwrap().len(),
+            1000
+        );
+    }
 }
