@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 both_backends!(
     agent_authenticates,
+    authenticated_echoes_the_auth_id,
     user_and_service_authenticate,
     auth_timeout_closes_4002,
     bad_signature_fails_4001,
@@ -46,15 +47,41 @@ async fn refused(gw: &Gateway, path: &str, msg: Value) -> Value {
 async fn agent_authenticates(io: &'static str) {
     let gw = Gateway::start(io, &[]).await;
     gw.agent("mch_a", "clu_a").await.assert_open().await;
-    // The reply carries the request's id.
     let mut ws = gw.ws("/ws/agent").await;
-    let mut msg = agent_auth(&agent_token("mch_b", "clu_b"), "mch_b");
-    msg["id"] = json!("auth-7");
-    ws.send(msg).await;
+    ws.send(agent_auth(&agent_token("mch_b", "clu_b"), "mch_b"))
+        .await;
     let m = ws.recv_event("authenticated").await;
-    assert_eq!(m["id"], "auth-7", "{m}");
-    assert_eq!(m["data"]["machineId"], "mch_b", "{m}");
-    assert_eq!(m["data"]["clusterId"], "clu_b", "{m}");
+    assert_eq!(
+        m["data"],
+        json!({"machineId": "mch_b", "clusterId": "clu_b"}),
+        "{m}"
+    );
+}
+
+async fn authenticated_echoes_the_auth_id(io: &'static str) {
+    // PROTOCOL.md section 2: a reply to a message that carried an id carries the same id.
+    let gw = Gateway::start(io, &[]).await;
+    let mut agent = gw.ws("/ws/agent").await;
+    let mut msg = agent_auth(&agent_token("mch_id", "clu_id"), "mch_id");
+    msg["id"] = json!("auth-7");
+    agent.send(msg.clone()).await;
+    let m = agent.recv_event("authenticated").await;
+    assert_eq!(m["id"], "auth-7", "first auth of an agent: {m}");
+    msg["id"] = json!("auth-8");
+    agent.send(msg).await;
+    let m = agent.recv_event("authenticated").await;
+    assert_eq!(m["id"], "auth-8", "re-auth of an agent: {m}");
+    for (token, id) in [
+        (user_token("usr_id", &["clu_id"], None), "u-1"),
+        (service_token("svc_id"), "s-1"),
+    ] {
+        let mut ws = gw.ws("/ws/client").await;
+        let mut msg = client_auth(&token);
+        msg["id"] = json!(id);
+        ws.send(msg).await;
+        let m = ws.recv_event("authenticated").await;
+        assert_eq!(m["id"], id, "{m}");
+    }
 }
 
 async fn user_and_service_authenticate(io: &'static str) {
@@ -70,11 +97,8 @@ async fn user_and_service_authenticate(io: &'static str) {
         .await;
     gw.service("billing").await.assert_open().await;
     let mut ws = gw.ws("/ws/client").await;
-    let mut msg = client_auth(&service_token("svc_x"));
-    msg["id"] = json!("s-1");
-    ws.send(msg).await;
+    ws.send(client_auth(&service_token("svc_x"))).await;
     let m = ws.recv_event("authenticated").await;
-    assert_eq!(m["id"], "s-1", "{m}");
     assert_eq!(
         m["data"],
         json!({"userId": "svc_x", "role": "service", "clusters": ["*"]}),
@@ -255,7 +279,8 @@ async fn token_expiring_then_expired_4001(io: &'static str) {
     let exp = now_s() + 3;
     let mut user = user_claims("usr_t", &["clu_t"], None);
     user["exp"] = json!(exp);
-    let mut agent_c = agent_claims("mch_t", "clu_t");
+    // Another cluster than the user's: no presence notice in between.
+    let mut agent_c = agent_claims("mch_t", "clu_t2");
     agent_c["exp"] = json!(exp);
     let mut u = gw.ws("/ws/client").await;
     u.send(client_auth(&sign(&user))).await;
@@ -312,7 +337,7 @@ async fn refresh_with_fresh_token_keeps_connection(io: &'static str) {
     let exp = now_s() + 4;
     let mut user = user_claims("usr_r", &["clu_r"], None);
     user["exp"] = json!(exp);
-    let mut agent_c = agent_claims("mch_r", "clu_r");
+    let mut agent_c = agent_claims("mch_r", "clu_r2");
     agent_c["exp"] = json!(exp);
     let mut u = gw.ws("/ws/client").await;
     u.send(client_auth(&sign(&user))).await;
@@ -321,18 +346,16 @@ async fn refresh_with_fresh_token_keeps_connection(io: &'static str) {
     a.send(agent_auth(&sign(&agent_c), "mch_r")).await;
     a.recv_event("authenticated").await;
 
-    let mut again = client_auth(&user_token("usr_r", &["clu_r"], None));
-    again["id"] = json!("refresh-1");
-    u.send(again).await;
-    a.send(agent_auth(&agent_token("mch_r", "clu_r"), "mch_r"))
+    u.send(client_auth(&user_token("usr_r", &["clu_r"], None)))
+        .await;
+    a.send(agent_auth(&agent_token("mch_r", "clu_r2"), "mch_r"))
         .await;
     // A warning for the old token may already be on its way on a slow machine.
     let m = u.recv_skipping("authenticated", &["token:expiring"]).await;
-    assert_eq!(m["id"], "refresh-1", "{m}");
     assert_eq!(m["data"]["userId"], "usr_r", "{m}");
     let m = a.recv_skipping("authenticated", &["token:expiring"]).await;
     assert_eq!(m["data"]["machineId"], "mch_r", "{m}");
-    assert_eq!(m["data"]["clusterId"], "clu_r", "{m}");
+    assert_eq!(m["data"]["clusterId"], "clu_r2", "{m}");
 
     // Past the old expiry: still open, nothing said.
     let wait = Duration::from_millis((exp * 1000 + 1500).saturating_sub(now_ms()));

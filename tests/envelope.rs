@@ -14,6 +14,7 @@ both_backends!(
     binary_message_is_invalid_message_and_stays_open,
     known_event_with_invalid_data_is_invalid_message,
     errors_echo_the_request_id,
+    envelope_errors_echo_the_request_id,
     emitted_messages_carry_timestamps,
     unknown_events_are_ignored,
 );
@@ -98,13 +99,14 @@ async fn known_event_with_invalid_data_is_invalid_message(io: &'static str) {
 async fn errors_echo_the_request_id(io: &'static str) {
     let gw = Gateway::start(io, &[]).await;
     let mut user = gw.user("usr_e", &["clu_e"]).await;
-    // INVALID_MESSAGE of an object that has an id.
-    user.send_text(r#"{"id":"bad-1","data":{}}"#).await;
-    let e = user.expect_error("INVALID_MESSAGE").await;
-    assert_eq!(e["id"], "bad-1", "{e}");
-    user.send_text(r#"{"event":5,"id":"bad-2"}"#).await;
-    let e = user.expect_error("INVALID_MESSAGE").await;
-    assert_eq!(e["id"], "bad-2", "{e}");
+    let mut agent = gw.agent("mch_e", "clu_e").await;
+    user.recv_event("machine:online").await;
+    // INVALID_MESSAGE for bad data.
+    agent
+        .send(json!({"event": "server:status", "id": "st-1", "data": {"serverId": 5}}))
+        .await;
+    let e = agent.expect_error("INVALID_MESSAGE").await;
+    assert_eq!(e["id"], "st-1", "{e}");
     // COMMAND_FAILED.
     user.send(json!({"event": "command", "id": "req-77",
         "data": {"machineId": "mch_absent", "type": "server:start"}}))
@@ -119,6 +121,19 @@ async fn errors_echo_the_request_id(io: &'static str) {
     let e = ws.expect_error("AUTH_FAILED").await;
     assert_eq!(e["id"], "auth-9", "{e}");
     assert_eq!(ws.expect_close().await, 4001);
+}
+
+async fn envelope_errors_echo_the_request_id(io: &'static str) {
+    // PROTOCOL.md section 2: an error to a message that carried an id carries the same id,
+    // also when that message is an object without a valid event.
+    let gw = Gateway::start(io, &[]).await;
+    let mut user = gw.user("usr_v", &["clu_v"]).await;
+    user.send_text(r#"{"id":"bad-1","data":{}}"#).await;
+    let e = user.expect_error("INVALID_MESSAGE").await;
+    assert_eq!(e["id"], "bad-1", "{e}");
+    user.send_text(r#"{"event":5,"id":"bad-2"}"#).await;
+    let e = user.expect_error("INVALID_MESSAGE").await;
+    assert_eq!(e["id"], "bad-2", "{e}");
 }
 
 async fn emitted_messages_carry_timestamps(io: &'static str) {

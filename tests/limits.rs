@@ -216,7 +216,7 @@ async fn sustained_flood_closes_4008(io: &'static str) {
             "--rate-burst",
             "5",
             "--rate-limit-close-after",
-            "2",
+            "3",
         ],
     )
     .await;
@@ -241,7 +241,8 @@ async fn sustained_flood_closes_4008(io: &'static str) {
     };
     let took = start.elapsed();
     assert_eq!(code, Some(4008));
-    assert!(took >= Duration::from_millis(1500), "closed after {took:?}");
+    // Three one-second windows with drops: the first one may be partly over the limit.
+    assert!(took >= Duration::from_millis(1800), "closed after {took:?}");
     assert!(errors >= 1, "closed without a RATE_LIMIT error");
     assert!(
         errors <= took.as_secs() + 1,

@@ -200,13 +200,21 @@ async fn silent_agent_is_closed_4000_after_lease(io: &'static str) {
     let mut service = gw.service("svc_l").await;
     let start = Instant::now();
     let mut agent = gw.agent("mch_l", "clu_l").await;
-    service.recv_event("machine:online").await;
-    let code = agent.expect_close().await;
-    let took = start.elapsed();
+    // Both read (and so answer pings) meanwhile.
+    let (code, offline) = tokio::join!(
+        async {
+            let code = agent.expect_close().await;
+            (code, start.elapsed())
+        },
+        async {
+            service.recv_event("machine:online").await;
+            service.recv_event("machine:offline").await
+        }
+    );
+    let (code, took) = code;
     assert_eq!(code, 4000);
     assert!(took >= Duration::from_millis(1300), "closed after {took:?}");
-    let m = service.recv_event("machine:offline").await;
-    assert_eq!(m["data"]["machineId"], "mch_l", "{m}");
+    assert_eq!(offline["data"]["machineId"], "mch_l", "{offline}");
 }
 
 async fn messages_renew_the_agent_lease(io: &'static str) {

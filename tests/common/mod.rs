@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 /// The HS256 secret every test gateway is started with.
-pub const SECRET: &str = "integration-test-secret-7d1f";
+pub const SECRET: &str = "integration-test-secret-7d1f-0123456789abcdef";
 /// How long a test waits for something that should arrive (generous: the machine may be loaded).
 pub const WAIT: Duration = Duration::from_secs(5);
 /// The agent version sent in `auth`.
