@@ -941,16 +941,22 @@ impl RawWs {
 
     /// The next frame within `within`; `None` when the connection ended; panics on timeout.
     pub async fn read_frame(&mut self, within: Duration) -> Option<Frame> {
+        self.try_read_frame(within).await.ok()
+    }
+
+    /// The next frame within `within`, or how the connection ended; panics on timeout.
+    pub async fn try_read_frame(&mut self, within: Duration) -> Result<Frame, String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some((frame, used)) = parse_server_frame(&self.buf) {
                 self.buf.drain(..used);
-                return Some(frame);
+                return Ok(frame);
             }
             let mut chunk = [0u8; 8192];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
                 Err(_) => panic!("no frame within {within:?}"),
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(0)) => return Err(format!("EOF (unparsed bytes: {:?})", self.buf)),
+                Ok(Err(e)) => return Err(format!("{e} (unparsed bytes: {:?})", self.buf)),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -978,16 +984,23 @@ impl RawWs {
     /// Reads until a close frame (skipping everything else); its code. Panics if the
     /// connection ends without one.
     pub async fn expect_close(&mut self, within: Duration) -> u16 {
+        self.close_code(within)
+            .await
+            .unwrap_or_else(|e| panic!("connection ended without a close frame: {e}"))
+    }
+
+    /// Reads until a close frame (skipping everything else): its code, or how the
+    /// connection ended without one.
+    pub async fn close_code(&mut self, within: Duration) -> Result<u16, String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.read_frame(left).await {
-                None => panic!("connection ended without a close frame"),
-                Some(f) if f.opcode == OP_CLOSE => {
-                    assert!(!f.masked, "server frames are unmasked");
-                    return f.close_code().expect("close frame without a code");
-                }
-                Some(_) => continue,
+            let f = self.try_read_frame(left).await?;
+            if f.opcode == OP_CLOSE {
+                assert!(!f.masked, "server frames are unmasked");
+                return f
+                    .close_code()
+                    .ok_or_else(|| "close frame without a code".into());
             }
         }
     }
