@@ -24,6 +24,7 @@ both_backends!(
     fragmented_message_is_reassembled,
     invalid_utf8_closes_1007,
     protocol_violations_close_1002,
+    close_frames_survive_connection_churn,
     ping_is_answered_with_pong,
     gateway_pings_and_closes_4000_without_pong,
     answered_pings_keep_the_connection,
@@ -318,6 +319,49 @@ async fn protocol_violations_close_1002(io: &'static str) {
     raw.send_raw(&encode_frame(true, 0, OP_TEXT, None, text))
         .await;
     assert_eq!(raw.expect_close(WAIT).await, 1002);
+}
+
+async fn close_frames_survive_connection_churn(io: &'static str) {
+    // Clients that hang up as soon as they have the close frame, five at a time: every new
+    // connection still gets its 101 and, for its bad frame, its own close frame.
+    let gw = Gateway::start(io, &[]).await;
+    let bad = encode_frame(true, 4, OP_TEXT, Some([9, 8, 7, 6]), b"{}");
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let (addr, bad) = (gw.addr, bad.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for _ in 0..100 {
+                    let mut s = tcp_connect(addr).await;
+                    let _ = s
+                        .write_all(upgrade_request("/ws/client", &[]).as_bytes())
+                        .await;
+                    match read_response(&mut s, WAIT).await {
+                        Some(r) if r.status == 101 => {}
+                        other => {
+                            failures.push(format!("upgrade: {other:?}"));
+                            continue;
+                        }
+                    }
+                    let mut raw = RawWs::from_upgraded(s);
+                    raw.send_raw(&bad).await;
+                    if let Err(e) = raw.close_code(WAIT).await {
+                        failures.push(format!("no close frame: {e}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 500 connections failed: {failures:?}",
+        failures.len()
+    );
 }
 
 async fn ping_is_answered_with_pong(io: &'static str) {

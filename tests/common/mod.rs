@@ -924,6 +924,20 @@ impl RawWs {
         }
     }
 
+    /// Frames over a connection whose 101 was already read (and nothing after it).
+    pub fn from_upgraded(stream: TcpStream) -> RawWs {
+        RawWs {
+            stream,
+            buf: Vec::new(),
+            response: HttpResponse {
+                status: 101,
+                headers: Vec::new(),
+                body: Vec::new(),
+                rest: Vec::new(),
+            },
+        }
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }
