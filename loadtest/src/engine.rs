@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use arcgate::auth::{mint_hs256, TokenSpec};
 use arcgate::protocol::codec::{Decoder, Flow, Message, OP_PING, OP_PONG, OP_TEXT};
-use memchr::memmem;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::msg;
+use crate::msg::{self, IdMap, Relay, RelayReader, Relayed};
 use crate::net;
 use crate::plan::{FlatOut, Hist, Plan, HISTS};
 use crate::stats::{self, Counters, Lat, RoleCount, StormSeen, Tally, Tick, WorkerResult, C};
@@ -103,7 +102,7 @@ struct Conn {
     storm_drop_ns: u64,
     storm_recovered: bool,
     /// Users and services: the last `seq` seen per agent (duplicates and gaps).
-    seen: HashMap<u32, u64>,
+    seen: IdMap<u64>,
     /// Agents: the machine id (written into every heartbeat).
     machine_id: Box<str>,
 }
@@ -137,7 +136,7 @@ impl Conn {
             pings: VecDeque::new(),
             storm_drop_ns: 0,
             storm_recovered: false,
-            seen: HashMap::new(),
+            seen: IdMap::default(),
             machine_id: Box::from(""),
         }
     }
@@ -242,7 +241,7 @@ pub struct Engine {
     attempting: u32,
     pending: HashMap<u64, u64>,
     next_req: u64,
-    machine_prefix: memmem::Finder<'static>,
+    relay: RelayReader,
     sent_by_cluster: Vec<u64>,
     users_by_cluster: Vec<u64>,
     snap_setup: Counters,
@@ -294,7 +293,6 @@ impl Engine {
             conn.machine_id = plan.machine_id(a).into();
             conns.push(conn);
         }
-        let prefix = format!("\"machineId\":\"mch_{}_", plan.run_id);
         let clusters = plan.clusters.max(1) as usize;
         Ok(Engine {
             poll,
@@ -335,7 +333,7 @@ impl Engine {
             attempting: 0,
             pending: HashMap::new(),
             next_req: 0,
-            machine_prefix: memmem::Finder::new(prefix.as_bytes()).into_owned(),
+            relay: RelayReader::new(&plan.run_id),
             sent_by_cluster: vec![0; clusters],
             users_by_cluster: vec![0; clusters],
             snap_setup: Counters::default(),
@@ -385,7 +383,7 @@ impl Engine {
                 }
                 let i = ev.token().0;
                 if i < self.conns.len() {
-                    self.on_event(i, ev.is_writable(), &mut rbuf);
+                    self.on_event(i, ev.is_writable(), ev.is_read_closed(), &mut rbuf);
                 }
             }
             let now = mono_ns();
@@ -681,7 +679,7 @@ impl Engine {
         );
     }
 
-    fn on_event(&mut self, i: usize, writable: bool, rbuf: &mut [u8]) {
+    fn on_event(&mut self, i: usize, writable: bool, read_closed: bool, rbuf: &mut [u8]) {
         let now = mono_ns();
         match self.conns[i].state {
             State::Connecting => self.on_connecting(i, now),
@@ -689,7 +687,7 @@ impl Engine {
                 if writable {
                     self.flush(i, now);
                 }
-                self.read_all(i, rbuf);
+                self.read_all(i, rbuf, read_closed);
             }
             _ => {}
         }
@@ -724,7 +722,10 @@ impl Engine {
         self.flush(i, now);
     }
 
-    fn read_all(&mut self, i: usize, rbuf: &mut [u8]) {
+    /// Reads until the socket is empty. After a short read the socket is known to be empty
+    /// and data arriving later raises a new edge, so the read that would only say EAGAIN is
+    /// saved, unless the peer's FIN already came with this event (no edge would follow).
+    fn read_all(&mut self, i: usize, rbuf: &mut [u8], read_closed: bool) {
         loop {
             let gen = self.conns[i].gen;
             let Some(sock) = self.conns[i].sock.as_mut() else {
@@ -738,7 +739,7 @@ impl Engine {
                 Ok(n) => {
                     self.c.add(C::BytesIn, n as u64);
                     self.on_bytes(i, &mut rbuf[..n], now);
-                    if self.conns[i].gen != gen {
+                    if self.conns[i].gen != gen || (n < rbuf.len() && !read_closed) {
                         return;
                     }
                 }
@@ -891,22 +892,17 @@ impl Engine {
 
     fn on_delivery(&mut self, i: usize, t: &str, now: u64) {
         self.c.inc(C::Deliveries);
-        let bytes = t.as_bytes();
-        let Some(at) = self.machine_prefix.find(bytes) else {
-            self.c.inc(C::Foreign);
-            return;
-        };
-        let rest = &bytes[at + self.machine_prefix.needle().len()..];
-        let (Some(agent), Some(seq)) = (
-            crate::util::leading_u64(rest),
-            msg::num_after(rest, br#""seq":"#),
-        ) else {
+        let Relay::Ours(Relayed {
+            agent,
+            seq,
+            sent_ns: sent,
+        }) = self.relay.read(t)
+        else {
             self.c.inc(C::Foreign);
             return;
         };
         self.c.inc(C::SeqDeliveries);
-        let sent = msg::num_after(rest, br#""sentAtNs":"#).unwrap_or(0);
-        let last = self.conns[i].seen.entry(agent as u32).or_insert(0);
+        let last = self.conns[i].seen.entry(agent).or_insert(0);
         if seq <= *last {
             self.c.inc(C::Duplicates);
             return;
@@ -1045,7 +1041,10 @@ impl Engine {
                 self.c.inc(C::SelfDrops);
             }
             stats::tally(&mut self.disconnects, cause);
-            if conn.role == Role::Agent && self.storm_started && conn.storm_drop_ns == 0 {
+            // By the clock, not the flag: a restart's first closes may be read in the same
+            // loop turn that reaches the storm's start.
+            let storm = self.storm_t != 0 && now >= self.storm_t && self.plan.storm.is_some();
+            if conn.role == Role::Agent && storm && conn.storm_drop_ns == 0 {
                 conn.storm_drop_ns = now;
                 self.storm.dropped += 1;
             }
@@ -1053,24 +1052,17 @@ impl Engine {
             self.c.inc(C::ConnectFailures);
             stats::tally(&mut self.connect_failures, cause);
         }
-        if self.phase == Phase::Done || matches!(close_code, Some(4001) | Some(4009)) {
-            self.set_state(i, State::Stopped);
-            return;
-        }
         let conn = &mut self.conns[i];
         let jitter = self.rng.below(conn.backoff_ms + 1);
-        let delay_ms = if close_code == Some(4008) {
-            30_000 + jitter
-        } else if conn.retry_after_ms > 0 {
-            conn.retry_after_ms.max(jitter)
-        } else if self.herd_now {
-            0
-        } else {
-            jitter
-        };
-        conn.backoff_ms = (conn.backoff_ms * 2).min(BACKOFF_MAX_MS);
-        self.set_state(i, State::Waiting);
-        self.arm(now + delay_ms * MS, TimerKind::Reconnect, i);
+        let next = next_step(close_code, conn.retry_after_ms, jitter, self.herd_now);
+        conn.backoff_ms = grow_backoff(conn.backoff_ms);
+        match next {
+            Next::Retry { after_ms } if self.phase != Phase::Done => {
+                self.set_state(i, State::Waiting);
+                self.arm(now + after_ms * MS, TimerKind::Reconnect, i);
+            }
+            _ => self.set_state(i, State::Stopped),
+        }
     }
 
     // ---- writing ----
@@ -1514,6 +1506,34 @@ impl Engine {
     }
 }
 
+/// What a client does after losing its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Stop,
+    Retry { after_ms: u64 },
+}
+
+/// Section 8 of the protocol: 4001 (auth failed; a new token is needed) and 4009 (replaced
+/// by a newer connection) stop; 4008 (rate limit) waits at least 30 s; a 503's
+/// `Retry-After` is honoured; everything else (1001, 1006, 1011, 1012, 1013, 4000, 4002, a
+/// failed attempt...) waits `jitter`, a uniform draw from 0 to the current backoff (full
+/// jitter), or nothing when the storm reconnects the whole herd at once.
+fn next_step(close_code: Option<u16>, retry_after_ms: u64, jitter: u64, herd: bool) -> Next {
+    let after_ms = match close_code {
+        Some(4001) | Some(4009) => return Next::Stop,
+        Some(4008) => 30_000 + jitter,
+        _ if retry_after_ms > 0 => retry_after_ms.max(jitter),
+        _ if herd => 0,
+        _ => jitter,
+    };
+    Next::Retry { after_ms }
+}
+
+/// The next backoff ceiling: doubled, at most 30 s.
+fn grow_backoff(ms: u64) -> u64 {
+    (ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS)
+}
+
 fn set_nonblocking(fd: i32) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor this process owns.
     unsafe {
@@ -1523,4 +1543,68 @@ fn set_nonblocking(fd: i32) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_decide_what_comes_next() {
+        assert_eq!(next_step(Some(4001), 0, 500, false), Next::Stop);
+        assert_eq!(next_step(Some(4009), 0, 500, true), Next::Stop);
+        assert_eq!(
+            next_step(Some(4008), 0, 500, false),
+            Next::Retry { after_ms: 30_500 }
+        );
+        for code in [
+            None,
+            Some(1000),
+            Some(1001),
+            Some(1012),
+            Some(1013),
+            Some(4000),
+            Some(4002),
+        ] {
+            assert_eq!(
+                next_step(code, 0, 700, false),
+                Next::Retry { after_ms: 700 }
+            );
+            assert_eq!(next_step(code, 0, 700, true), Next::Retry { after_ms: 0 });
+        }
+        assert_eq!(
+            next_step(None, 3_000, 700, false),
+            Next::Retry { after_ms: 3_000 }
+        );
+        assert_eq!(
+            next_step(None, 3_000, 7_000, true),
+            Next::Retry { after_ms: 7_000 }
+        );
+    }
+
+    #[test]
+    fn pace_counts_what_is_due() {
+        let mut p = Pace::new(100.0);
+        assert_eq!(p.due(5 * SEC), 0, "not started");
+        p.start = SEC;
+        assert_eq!(p.due(SEC + SEC / 2), 50);
+        p.done = 50;
+        assert_eq!(p.due(SEC + SEC / 2), 0);
+        assert_eq!(p.next_at(), Some(SEC + 510 * MS));
+        assert_eq!(Pace::new(0.0).next_at(), None);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_thirty_seconds() {
+        let mut b = BACKOFF_MIN_MS;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            seen.push(b);
+            b = grow_backoff(b);
+        }
+        assert_eq!(
+            seen,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
+    }
 }

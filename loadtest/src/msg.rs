@@ -228,6 +228,87 @@ pub fn str_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     rest.get(..end)
 }
 
+/// What a relayed agent event says about itself: which agent (of this run), its `seq`,
+/// and when it was sent (`sentAtNs`, 0 if absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    pub agent: u32,
+    pub seq: u64,
+    pub sent_ns: u64,
+}
+
+/// Reads relayed events with searchers built once (building one per message costs more
+/// than the search).
+pub struct RelayReader {
+    machine: memmem::Finder<'static>,
+    seq: memmem::Finder<'static>,
+    sent: memmem::Finder<'static>,
+}
+
+/// Whether a relayed event is one of this run's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    Ours(Relayed),
+    /// From another run's agents, or without a `seq`.
+    Foreign,
+}
+
+impl RelayReader {
+    pub fn new(run_id: &str) -> RelayReader {
+        let prefix = format!("\"machineId\":\"mch_{run_id}_");
+        RelayReader {
+            machine: memmem::Finder::new(prefix.as_bytes()).into_owned(),
+            seq: memmem::Finder::new(br#""seq":"#).into_owned(),
+            sent: memmem::Finder::new(br#""sentAtNs":"#).into_owned(),
+        }
+    }
+
+    pub fn read(&self, text: &str) -> Relay {
+        let bytes = text.as_bytes();
+        let Some(at) = self.machine.find(bytes) else {
+            return Relay::Foreign;
+        };
+        let rest = &bytes[at + self.machine.needle().len()..];
+        let number = |f: &memmem::Finder<'_>| {
+            let at = f.find(rest)? + f.needle().len();
+            crate::util::leading_u64(&rest[at..])
+        };
+        let (Some(agent), Some(seq)) = (crate::util::leading_u64(rest), number(&self.seq)) else {
+            return Relay::Foreign;
+        };
+        let Ok(agent) = u32::try_from(agent) else {
+            return Relay::Foreign;
+        };
+        Relay::Ours(Relayed {
+            agent,
+            seq,
+            sent_ns: number(&self.sent).unwrap_or(0),
+        })
+    }
+}
+
+/// A hasher for small integer keys (agent numbers): one multiply instead of SipHash.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub type IdMap<V> = std::collections::HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +374,38 @@ mod tests {
         assert_eq!(event(r#"{"data":1,"event":"x"}"#), Some("x"));
         assert_eq!(event("{}"), None);
         assert_eq!(num_after(b"\"seq\":x", br#""seq":"#), None);
+    }
+
+    #[test]
+    fn relayed_events_name_agent_seq_and_send_time() {
+        let r = RelayReader::new("ab12");
+        let ours = r#"{"event":"server:updated","data":{"machineId":"mch_ab12_31","clusterId":"c","seq":9,"sentAtNs":5000,"serverId":"s"},"timestamp":1}"#;
+        assert_eq!(
+            r.read(ours),
+            Relay::Ours(Relayed {
+                agent: 31,
+                seq: 9,
+                sent_ns: 5000
+            })
+        );
+        let other_run = ours.replace("mch_ab12_", "mch_zz99_");
+        assert_eq!(r.read(&other_run), Relay::Foreign);
+        let no_seq = ours.replace(r#""seq":9,"#, "");
+        assert_eq!(r.read(&no_seq), Relay::Foreign);
+        let no_time = ours.replace(r#""sentAtNs":5000,"#, "");
+        assert!(matches!(
+            r.read(&no_time),
+            Relay::Ours(Relayed { sent_ns: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn id_map_keeps_distinct_keys() {
+        let mut m: IdMap<u32> = IdMap::default();
+        for k in 0..10_000u32 {
+            m.insert(k, k * 2);
+        }
+        assert_eq!(m.len(), 10_000);
+        assert!((0..10_000u32).all(|k| m[&k] == k * 2));
     }
 }

@@ -454,15 +454,18 @@ fn warnings(r: &Report, window: &Counters) -> Vec<String> {
             ));
         }
     }
+    // Per message both ways, so that both sides divide by the same count; a window with
+    // few messages (a held fleet) says nothing about the cost of one.
     let messages = window.get(C::MsgsOut) + window.get(C::MsgsIn);
     if let (Some(g), Some(tool)) = (
         r.gateway.as_ref().and_then(|g| g.cpu_seconds),
         r.tool_cpu.us_per_message,
     ) {
         let gw = g * 1e6 / messages.max(1) as f64;
-        if tool > gw && messages > 0 {
+        if tool > gw && messages >= 10_000 {
             w.push(format!(
-                "the load generator spent more CPU per message ({tool:.2} µs) than the gateway ({gw:.2} µs): the load generator may be the limit (add --procs, build with --release)"
+                "the load generator spent more CPU per message ({tool:.2} µs) than the gateway \
+                 ({gw:.2} µs): it may be the limit; add --procs"
             ));
         }
     }
@@ -787,7 +790,7 @@ const COLORS: [&str; 6] = [
 
 /// The self-contained HTML page (inline SVG, no script, nothing fetched).
 pub fn html(r: &Report) -> String {
-    let curve_x = |p: f64| -(1.0 - p / 100.0).max(1e-7).log10();
+    let curve_x = |p: f64| -(1.0 - p / 100.0).max(1e-6).log10();
     let mut curves = Vec::new();
     let primary = Series {
         name: &r.latency.name,
