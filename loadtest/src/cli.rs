@@ -60,7 +60,7 @@ pub struct Common {
     /// No live status line on stderr
     #[arg(long)]
     pub quiet: bool,
-    /// Source addresses to spread connections over, e.g. 127.0.0.1-127.0.0.20
+    /// IPv4 source addresses to spread connections over, e.g. 127.0.0.1-127.0.0.20
     #[arg(long, value_name = "A-B,C")]
     pub sources: Option<String>,
     /// Worker processes (each under ~19,000 sockets); their results are merged

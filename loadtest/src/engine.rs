@@ -29,6 +29,8 @@ const BACKOFF_MAX_MS: u64 = 30_000;
 const QUIET_NS: u64 = 300 * MS;
 /// The cause recorded when the storm drops a connection on purpose (not an error).
 const STORM_DROP: &str = "storm_drop";
+/// Unsent bytes one connection may hold before it is given up.
+const MAX_BACKLOG: usize = 8 << 20;
 /// How often the coordinator hears from a worker.
 const TICK_NS: u64 = 250 * MS;
 
@@ -476,7 +478,7 @@ impl Engine {
             }
         }
         if self.phase == Phase::WaitGo && self.t0 != 0 && now >= self.t0 {
-            self.start_window(now);
+            self.start_window();
         }
         if self.phase == Phase::Window {
             if self.storm_t != 0 && now >= self.storm_t && !self.storm_started {
@@ -519,7 +521,7 @@ impl Engine {
         }
     }
 
-    fn start_window(&mut self, now: u64) {
+    fn start_window(&mut self) {
         self.phase = Phase::Window;
         self.snap_t0 = self.c.clone();
         self.ready_t0 = self.ready;
@@ -545,7 +547,6 @@ impl Engine {
                 }
             }
         }
-        let _ = now;
     }
 
     fn end_window(&mut self, now: u64) {
@@ -1143,7 +1144,14 @@ impl Engine {
         while conn.wpos < conn.wbuf.len() {
             match sock.write(&conn.wbuf[conn.wpos..]) {
                 Ok(n) => conn.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A gateway that stopped reading must not make this process grow
+                    // without bound.
+                    if conn.wbuf.len() - conn.wpos > MAX_BACKLOG {
+                        self.drop_conn(i, "write_backlog", None, now);
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let cause = net::cause(&e);
