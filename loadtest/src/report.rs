@@ -157,6 +157,10 @@ pub struct GatewayReport {
     pub cpu_us_per_inbound_message: Option<f64>,
     /// All of the gateway's CPU time in the window divided by the messages it sent.
     pub cpu_us_per_delivery: Option<f64>,
+    /// The gateway's CPU time while the fleet connected (before the window).
+    pub setup_cpu_seconds: Option<f64>,
+    /// That time divided by the connections authenticated meanwhile (accept, upgrade, auth).
+    pub cpu_us_per_connection: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub rss_before_bytes: Option<u64>,
     pub rss_peak_bytes: u64,
@@ -321,7 +325,8 @@ pub fn build(
     });
 
     let connections_end = agents.ready_at_end + users.ready_at_end + services.ready_at_end;
-    let gateway = gw.map(|g| gateway_report(g, &window, secs, connections_end));
+    let setup_auths = setup_c.get(C::Authenticated);
+    let gateway = gw.map(|g| gateway_report(g, &window, secs, connections_end, setup_auths));
     let messages = window.get(C::MsgsOut) + window.get(C::MsgsIn);
 
     let mut rep = Report {
@@ -472,7 +477,17 @@ fn warnings(r: &Report, window: &Counters) -> Vec<String> {
     w
 }
 
-fn gateway_report(g: &GatewaySeen, window: &Counters, secs: f64, conns: u64) -> GatewayReport {
+fn gateway_report(
+    g: &GatewaySeen,
+    window: &Counters,
+    secs: f64,
+    conns: u64,
+    setup_auths: u64,
+) -> GatewayReport {
+    let setup_cpu = match (g.before, g.at_t0) {
+        (Some(a), Some(b)) => Some(b.cpu_ns.saturating_sub(a.cpu_ns)),
+        _ => None,
+    };
     let inbound = window.get(C::MsgsOut);
     let deliveries = window.get(C::MsgsIn);
     let cpu_ns = match (g.at_t0, g.at_t1) {
@@ -494,6 +509,10 @@ fn gateway_report(g: &GatewaySeen, window: &Counters, secs: f64, conns: u64) -> 
         deliveries,
         cpu_us_per_inbound_message: per(inbound),
         cpu_us_per_delivery: per(deliveries),
+        setup_cpu_seconds: setup_cpu.map(|c| c as f64 / SEC),
+        cpu_us_per_connection: setup_cpu
+            .filter(|_| setup_auths > 0)
+            .map(|c| c as f64 / 1000.0 / setup_auths as f64),
         rss_bytes: rss,
         rss_before_bytes: before,
         rss_peak_bytes: g.peak_rss.max(rss.unwrap_or(0)),
@@ -569,7 +588,8 @@ pub fn table(r: &Report) -> String {
         r.rates.messages_in_per_s
     );
     let d = &r.deliveries;
-    let _ = writeln!(
+    if d.events_sent > 0 || c("deliveries") > 0 {
+        let _ = writeln!(
         s,
         "  {:<18} events sent {}  expected {}  received {}  lost {} ({:.4}%)  duplicates {}  ({:.0} deliveries/s)",
         "deliveries",
@@ -581,6 +601,7 @@ pub fn table(r: &Report) -> String {
         d.duplicates,
         r.rates.deliveries_per_s
     );
+    }
     if r.options.in_flight.is_some() {
         let _ = writeln!(
             s,
@@ -645,13 +666,14 @@ pub fn table(r: &Report) -> String {
         let f = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.2}{unit}"));
         let _ = writeln!(
             s,
-            "  {:<18} pid {}: cpu {} ({} cores), {} per inbound message, {} per delivery, rss {} ({} per connection)",
+            "  {:<18} pid {}: cpu {} ({} cores), {} per inbound message, {} per delivery, {} per connection set up, rss {} ({} per connection)",
             "gateway",
             g.pid,
             f(g.cpu_seconds, " s"),
             f(g.cpu_utilization, ""),
             f(g.cpu_us_per_inbound_message, " µs"),
             f(g.cpu_us_per_delivery, " µs"),
+            f(g.cpu_us_per_connection, " µs"),
             g.rss_bytes
                 .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
             f(g.rss_per_connection_bytes, " B"),
