@@ -133,6 +133,7 @@ fn json_and_html_reports_are_complete() {
             "the page must fetch nothing: {fetch}"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -175,4 +176,5 @@ fn an_unreachable_gateway_is_reported_not_hung() {
         .iter()
         .any(|w| w.as_str().unwrap_or("").contains("setup timeout"));
     assert!(warned, "{}", r["warnings"]);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -334,6 +334,7 @@ fn storm_with_a_gateway_restart() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
     let r = run.expect("the run").report;
     let s = &r["storm"];
     assert_eq!(s["mode"], "restart");

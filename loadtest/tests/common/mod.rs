@@ -156,6 +156,9 @@ pub fn load(name: &str, url: &str, secret: &str, args: &[&str]) -> Run {
     );
     let text = std::fs::read_to_string(&json).expect("the JSON report");
     let report = serde_json::from_str(&text).expect("the JSON report parses");
+    if let Some(dir) = json.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Run {
         report,
         stdout,
