@@ -69,6 +69,9 @@ pub struct Shared {
     pub inboxes: Vec<Inbox>,
     /// machineId → its live connection.
     pub machines: DashMap<Box<str>, AgentLoc>,
+    /// Random per process, part of every command id: an agent resending an answer
+    /// to a restarted gateway cannot complete a new command that reuses the number.
+    pub nonce: u32,
 }
 
 impl Shared {
@@ -83,6 +86,12 @@ impl Shared {
                 })
                 .collect(),
             machines: DashMap::new(),
+            nonce: {
+                let mut b = [0u8; 4];
+                // Without randomness the ids are still unique within this process.
+                let _ = getrandom::fill(&mut b);
+                u32::from_ne_bytes(b)
+            },
         }
     }
 
@@ -345,7 +354,7 @@ impl Hub {
         }
         self.next_seq += 1;
         let seq = self.next_seq;
-        let cmd_id = format!("cmd_{}_{}", self.index, seq);
+        let cmd_id = format!("cmd_{:08x}_{}_{}", self.shared.nonce, self.index, seq);
         let deadline = now + self.command_timeout;
         self.pending.insert(
             seq,
@@ -380,7 +389,7 @@ impl Hub {
         data: &str,
         ts: u64,
     ) {
-        let Some((from, seq)) = parse_command_id(cmd_id) else {
+        let Some((from, seq)) = parse_command_id(cmd_id, self.shared.nonce) else {
             return;
         };
         let Some(list) = self.outstanding.get_mut(&agent) else {
@@ -478,9 +487,13 @@ impl Hub {
     }
 }
 
-/// `cmd_<worker>_<seq>` → (worker, seq).
-fn parse_command_id(id: &str) -> Option<(u16, u64)> {
+/// `cmd_<nonce>_<worker>_<seq>` of this process → (worker, seq).
+fn parse_command_id(id: &str, nonce: u32) -> Option<(u16, u64)> {
     let rest = id.strip_prefix("cmd_")?;
+    let (n, rest) = rest.split_once('_')?;
+    if u32::from_str_radix(n, 16).ok()? != nonce {
+        return None;
+    }
     let (w, s) = rest.split_once('_')?;
     Some((w.parse().ok()?, s.parse().ok()?))
 }
@@ -491,9 +504,10 @@ mod tests {
 
     #[test]
     fn command_ids_round_trip_and_reject_garbage() {
-        assert_eq!(parse_command_id("cmd_1_42"), Some((1, 42)));
-        assert_eq!(parse_command_id("cmd_x_42"), None);
-        assert_eq!(parse_command_id("req_1_42"), None);
-        assert_eq!(parse_command_id("cmd_1"), None);
+        assert_eq!(parse_command_id("cmd_0000beef_1_42", 0xbeef), Some((1, 42)));
+        assert_eq!(parse_command_id("cmd_0000beee_1_42", 0xbeef), None);
+        assert_eq!(parse_command_id("cmd_0000beef_x_42", 0xbeef), None);
+        assert_eq!(parse_command_id("req_0000beef_1_42", 0xbeef), None);
+        assert_eq!(parse_command_id("cmd_0000beef_1", 0xbeef), None);
     }
 }

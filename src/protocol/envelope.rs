@@ -447,6 +447,14 @@ impl Out {
     }
 
     /// Closes the envelope with its `timestamp`.
+    /// A top-level `"id"` member, when there is one.
+    fn id(&mut self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.raw(b",\"id\":");
+            self.str(id);
+        }
+    }
+
     fn finish(mut self, ts_ms: u64) -> Bytes {
         self.raw(b",\"timestamp\":");
         self.num(ts_ms);
@@ -466,26 +474,35 @@ pub fn error(code: ErrorCode, message: &str, id: Option<&str>, ts_ms: u64) -> By
     out.raw(b",\"timestamp\":");
     out.num(ts_ms / 1000);
     out.raw(b"}");
-    if let Some(id) = id {
-        out.raw(b",\"id\":");
-        out.str(id);
-    }
+    out.id(id);
     out.finish(ts_ms)
 }
 
-/// `authenticated` for an agent: `{machineId, clusterId}`.
-pub fn authenticated_agent(machine_id: &str, cluster_id: &str, ts_ms: u64) -> Bytes {
-    let mut out = Out::new(OVERHEAD + machine_id.len() + cluster_id.len());
+/// `authenticated` for an agent: `{machineId, clusterId}`, with the `auth`'s `id` if any.
+pub fn authenticated_agent(
+    machine_id: &str,
+    cluster_id: &str,
+    id: Option<&str>,
+    ts_ms: u64,
+) -> Bytes {
+    let mut out = Out::new(OVERHEAD + machine_id.len() + cluster_id.len() + id.map_or(0, str::len));
     out.raw(b"{\"event\":\"authenticated\",\"data\":{\"machineId\":");
     out.str(machine_id);
     out.raw(b",\"clusterId\":");
     out.str(cluster_id);
     out.raw(b"}");
+    out.id(id);
     out.finish(ts_ms)
 }
 
 /// `authenticated` for a user or service: `{userId, role, clusters}` (a service: `["*"]`).
-pub fn authenticated_client(user_id: &str, role: &str, clusters: &[Box<str>], ts_ms: u64) -> Bytes {
+pub fn authenticated_client(
+    user_id: &str,
+    role: &str,
+    clusters: &[Box<str>],
+    id: Option<&str>,
+    ts_ms: u64,
+) -> Bytes {
     let clusters_len: usize = clusters.iter().map(|c| c.len() + 3).sum();
     let mut out = Out::new(OVERHEAD + user_id.len() + role.len() + clusters_len);
     out.raw(b"{\"event\":\"authenticated\",\"data\":{\"userId\":");
@@ -500,6 +517,7 @@ pub fn authenticated_client(user_id: &str, role: &str, clusters: &[Box<str>], ts
         out.str(cluster);
     }
     out.raw(b"]}");
+    out.id(id);
     out.finish(ts_ms)
 }
 
@@ -1243,20 +1261,26 @@ mod tests {
     #[test]
     fn authenticated_frames() {
         assert_eq!(
-            payload(&authenticated_agent("mch_123", "clu_abc", 5)),
-            json!({"event":"authenticated","data":{"machineId":"mch_123","clusterId":"clu_abc"},"timestamp":5})
+            payload(&authenticated_agent("mch_123", "clu_abc", Some("req_7"), 5)),
+            json!({"event":"authenticated","data":{"machineId":"mch_123","clusterId":"clu_abc"},"id":"req_7","timestamp":5})
         );
         let clusters: Vec<Box<str>> = vec!["clu_a".into(), "clu \"b\"".into()];
         assert_eq!(
-            payload(&authenticated_client("usr_1", "user", &clusters, 6)),
+            payload(&authenticated_client("usr_1", "user", &clusters, None, 6)),
             json!({"event":"authenticated","data":{"userId":"usr_1","role":"user","clusters":["clu_a","clu \"b\""]},"timestamp":6})
         );
         assert_eq!(
-            payload(&authenticated_client("svc", "service", &["*".into()], 7)),
+            payload(&authenticated_client(
+                "svc",
+                "service",
+                &["*".into()],
+                None,
+                7
+            )),
             json!({"event":"authenticated","data":{"userId":"svc","role":"service","clusters":["*"]},"timestamp":7})
         );
         assert_eq!(
-            payload(&authenticated_client("u", "user", &[], 8))["data"]["clusters"],
+            payload(&authenticated_client("u", "user", &[], None, 8))["data"]["clusters"],
             json!([])
         );
     }
@@ -1446,7 +1470,7 @@ mod tests {
     fn frames_carry_no_spare_escape_reservation() {
         // Plain strings must not trigger the escaper's six-bytes-per-byte reservation.
         let id = "x".repeat(1000);
-        let f = authenticated_agent(&id, &id, 1);
+        let f = authenticated_agent(&id, &id, None, 1);
         assert_eq!(
             payload(&f)["data"]["machineId"].as_str().unwrap().len(),
             1000

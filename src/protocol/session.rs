@@ -659,7 +659,11 @@ impl Core {
             self.lease = self.optional_deadline(ctx.now, ctx.limits.agent_lease);
         }
         let warn_now = self.arm_expiry(ctx, identity.exp);
-        out(Output::Send(authenticated(&identity, ctx.unix_ms)));
+        out(Output::Send(authenticated(
+            &identity,
+            env.id.as_deref(),
+            ctx.unix_ms,
+        )));
         self.phase = Phase::Open(identity);
         if let Phase::Open(identity) = &self.phase {
             out(Output::Online {
@@ -690,7 +694,11 @@ impl Core {
         }
         *current = identity;
         let exp = current.exp;
-        out(Output::Send(authenticated(current, ctx.unix_ms)));
+        out(Output::Send(authenticated(
+            current,
+            env.id.as_deref(),
+            ctx.unix_ms,
+        )));
         if self.arm_expiry(ctx, exp) {
             out(Output::Send(envelope::token_expiring(exp, ctx.unix_ms)));
         }
@@ -789,18 +797,18 @@ impl Core {
 }
 
 /// `authenticated` for `identity`.
-fn authenticated(identity: &Identity, ts_ms: u64) -> Bytes {
+fn authenticated(identity: &Identity, id: Option<&str>, ts_ms: u64) -> Bytes {
     match identity.role {
         Role::Agent => {
             let cluster = identity.cluster.as_deref().unwrap_or("");
-            envelope::authenticated_agent(&identity.sub, cluster, ts_ms)
+            envelope::authenticated_agent(&identity.sub, cluster, id, ts_ms)
         }
         Role::User => {
-            envelope::authenticated_client(&identity.sub, "user", &identity.clusters, ts_ms)
+            envelope::authenticated_client(&identity.sub, "user", &identity.clusters, id, ts_ms)
         }
         Role::Service => {
             let all: [Box<str>; 1] = [Box::from("*")];
-            envelope::authenticated_client(&identity.sub, "service", &all, ts_ms)
+            envelope::authenticated_client(&identity.sub, "service", &all, id, ts_ms)
         }
     }
 }
