@@ -295,7 +295,7 @@ fn storm_recovers() {
 #[test]
 fn storm_with_a_gateway_restart() {
     let gw = Gateway::start(&["--drain-duration", "200ms"]);
-    let dir = common::scratch("storm-restart");
+    let dir = common::scratch("storm-restart-pid");
     let pid_file = dir.join("new.pid");
     let args: Vec<String> = gw.args.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
