@@ -1,5 +1,52 @@
-//! arcgate-load: the bundled load generator (scenarios arrive with their own issue).
-fn main() {
-    eprintln!("arcgate-load: no scenarios yet; see docs/benchmarks.md");
-    std::process::exit(2);
+//! arcgate-load: the load generator bundled with arcgate (scenarios: connect, steady,
+//! flood, fanout, storm, commands; see `arcgate-load --help`).
+
+mod cli;
+mod coord;
+mod engine;
+mod msg;
+mod net;
+mod plan;
+mod report;
+mod stats;
+mod util;
+mod ws;
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let planned = match cli.command.plan() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match planned {
+        Some((plan, output)) => coord::run(plan, output),
+        None => worker(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A worker process: its plan is the first line on stdin, ticks and the result go to stdout.
+fn worker() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let plan: plan::Plan = serde_json::from_str(line.trim())?;
+    net::raise_nofile();
+    let engine = engine::Engine::new(plan)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    engine.run(0, &mut out)
 }

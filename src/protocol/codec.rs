@@ -1,4 +1,5 @@
-//! RFC 6455 frames: in-place decoding of (masked) client frames, encoding of (unmasked) server frames.
+//! RFC 6455 frames: in-place decoding of (masked) client frames, encoding of (unmasked) server frames,
+//! and the client role (unmasked server frames in, masked frames out) for load generators and tests.
 
 use bytes::Bytes;
 
@@ -73,13 +74,14 @@ pub enum Flow {
     Stop,
 }
 
-/// A parsed client frame header.
+/// A parsed frame header.
 #[derive(Debug, Clone, Copy)]
 struct Header {
     fin: bool,
     opcode: u8,
-    mask: [u8; 4],
-    /// Header length in bytes (6, 8 or 14).
+    /// The masking key; `None` for a server frame read in the client role.
+    mask: Option<[u8; 4]>,
+    /// Header length in bytes (6, 8 or 14 masked; 2, 4 or 10 unmasked).
     len: usize,
     payload: usize,
 }
@@ -100,9 +102,10 @@ const fn protocol(why: &'static str) -> CloseReason {
     CloseReason::Protocol(why)
 }
 
-/// Parses a client frame header, checking everything the header alone decides.
+/// Parses a frame header, checking everything the header alone decides. The server role
+/// (`client_role` false) requires masked frames, the client role unmasked ones.
 #[inline]
-fn parse_header(b: &[u8]) -> Result<Parsed, CloseReason> {
+fn parse_header(b: &[u8], client_role: bool) -> Result<Parsed, CloseReason> {
     let Some(&b0) = b.first() else {
         return Ok(Parsed::Need(2));
     };
@@ -124,18 +127,24 @@ fn parse_header(b: &[u8]) -> Result<Parsed, CloseReason> {
     let Some(&b1) = b.get(1) else {
         return Ok(Parsed::Need(2));
     };
-    if b1 & 0x80 == 0 {
+    let masked = b1 & 0x80 != 0;
+    if !masked && !client_role {
         return Err(protocol("unmasked client frame"));
+    }
+    if masked && client_role {
+        return Err(protocol("masked server frame"));
     }
     let len7 = b1 & 0x7F;
     if control && usize::from(len7) > MAX_CONTROL_PAYLOAD {
         return Err(protocol("control frame payload over 125 bytes"));
     }
-    let len = match len7 {
-        126 => 8,
-        127 => 14,
-        _ => 6,
-    };
+    let mask_len = if masked { 4 } else { 0 };
+    let len = mask_len
+        + match len7 {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
     let Some(head) = b.get(..len) else {
         return Ok(Parsed::Need(len));
     };
@@ -155,7 +164,7 @@ fn parse_header(b: &[u8]) -> Result<Parsed, CloseReason> {
     Ok(Parsed::Frame(Header {
         fin,
         opcode,
-        mask: [head[len - 4], head[len - 3], head[len - 2], head[len - 1]],
+        mask: masked.then(|| [head[len - 4], head[len - 3], head[len - 2], head[len - 1]]),
         len,
         payload: usize::try_from(payload).unwrap_or(usize::MAX),
     }))
@@ -198,7 +207,8 @@ fn close_message(payload: &[u8]) -> Result<Message<'_>, CloseReason> {
     }
 }
 
-/// Incremental decoder of one connection's client frames.
+/// Incremental decoder of one connection's frames: masked client frames (`new`, the
+/// gateway's role) or unmasked server frames (`new_client`, the role of a client).
 ///
 /// Holds no heap memory while idle: bytes are kept only when a frame is split across
 /// reads (the tail) or a fragmented message is being reassembled.
@@ -213,9 +223,12 @@ pub struct Decoder {
     frag_opcode: u8,
     /// Length of the prefix of `frag` known to be valid UTF-8 (text messages).
     frag_valid: usize,
+    /// Client role: frames must be unmasked, and a masked one is a protocol error.
+    client_role: bool,
 }
 
 impl Decoder {
+    /// A decoder in the server role: it accepts masked client frames only.
     pub fn new(max_message_size: usize) -> Self {
         Decoder {
             max_message_size,
@@ -223,6 +236,16 @@ impl Decoder {
             frag: Vec::new(),
             frag_opcode: OP_CONTINUATION,
             frag_valid: 0,
+            client_role: false,
+        }
+    }
+
+    /// A decoder in the client role: it accepts unmasked server frames only
+    /// (RFC 6455 §5.1: a client closes on a masked frame).
+    pub fn new_client(max_message_size: usize) -> Self {
+        Decoder {
+            client_role: true,
+            ..Decoder::new(max_message_size)
         }
     }
 
@@ -249,7 +272,7 @@ impl Decoder {
             }
         }
         while let Some(rest) = buf.get_mut(pos..).filter(|rest| !rest.is_empty()) {
-            let header = match parse_header(rest)? {
+            let header = match parse_header(rest, self.client_role)? {
                 Parsed::Frame(header) => header,
                 Parsed::Need(_) => {
                     self.stash(rest, usize::MAX);
@@ -327,7 +350,7 @@ impl Decoder {
     fn fill_tail(&mut self, buf: &[u8]) -> Result<Option<(Header, usize)>, CloseReason> {
         let mut used = 0;
         loop {
-            let (want, limit, header) = match parse_header(&self.tail)? {
+            let (want, limit, header) = match parse_header(&self.tail, self.client_role)? {
                 Parsed::Need(want) => (want, usize::MAX, None),
                 Parsed::Frame(header) => {
                     self.check(&header)?;
@@ -355,7 +378,9 @@ impl Decoder {
         payload: &mut [u8],
         on_message: &mut F,
     ) -> Result<Flow, CloseReason> {
-        apply_mask(payload, header.mask);
+        if let Some(mask) = header.mask {
+            apply_mask(payload, mask);
+        }
         let message = match header.opcode {
             OP_TEXT if header.fin => {
                 Message::Text(std::str::from_utf8(payload).map_err(|_| CloseReason::InvalidUtf8)?)
@@ -1266,6 +1291,116 @@ mod tests {
         );
         let ascii = "x".repeat(200);
         assert_eq!(close_frame(1000, &ascii).len(), 2 + 125);
+    }
+
+    /// Decodes `bytes` in the client role, cut at every offset, and checks that every
+    /// split gives the same result as one call.
+    fn client_decode_all(bytes: &[u8]) -> Result<Vec<Owned>, CloseReason> {
+        let whole = {
+            let mut d = Decoder::new_client(MAX);
+            let (out, result) = feed(&mut d, bytes, &[]);
+            result.map(|()| out)
+        };
+        for cut in 1..bytes.len() {
+            let mut d = Decoder::new_client(MAX);
+            let (out, result) = feed(&mut d, bytes, &[cut]);
+            assert_eq!(result.map(|()| out), whole, "split at {cut}");
+        }
+        whole
+    }
+
+    #[test]
+    fn client_role_decodes_server_frames_of_every_length_form() {
+        let mut s = Vec::new();
+        let mut expected = Vec::new();
+        for n in [0usize, 5, 125, 126, 300, 65_535, 65_536, 70_000] {
+            let body = "y".repeat(n);
+            s.extend_from_slice(&frame(OP_TEXT, body.as_bytes()));
+            expected.push(text(&body));
+        }
+        s.extend_from_slice(&frame(OP_PING, b"p"));
+        s.extend_from_slice(&close_frame(4009, "replaced"));
+        expected.push(Owned::Ping(b"p".to_vec()));
+        expected.push(Owned::Close(Some(4009), "replaced".to_owned()));
+        let mut d = Decoder::new_client(MAX);
+        let (out, result) = feed(&mut d, &s, &[1, 3, 200, 70_100]);
+        assert_eq!(result, Ok(()));
+        assert_eq!(out, expected);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn client_role_agrees_at_every_split() {
+        let mut s = Vec::new();
+        s.extend_from_slice(&frame(OP_TEXT, br#"{"event":"authenticated"}"#));
+        let built = {
+            let mut f = FrameBuf::with_capacity(8);
+            f.payload().extend_from_slice("h\u{e9}llo".as_bytes());
+            f.finish(OP_TEXT)
+        };
+        s.extend_from_slice(&built);
+        s.extend_from_slice(&frame(OP_PONG, b"7"));
+        assert_eq!(
+            client_decode_all(&s),
+            Ok(vec![
+                text(r#"{"event":"authenticated"}"#),
+                text("h\u{e9}llo"),
+                Owned::Pong(b"7".to_vec()),
+            ])
+        );
+    }
+
+    #[test]
+    fn client_role_reassembles_unmasked_fragments() {
+        let mut s = vec![0x01, 0x02, b'a', b'b', 0x89, 0x00, 0x80, 0x01, b'c'];
+        s.extend_from_slice(&frame(OP_BINARY, &[1, 2]));
+        assert_eq!(
+            client_decode_all(&s),
+            Ok(vec![
+                Owned::Ping(Vec::new()),
+                text("abc"),
+                Owned::Binary(vec![1, 2]),
+            ])
+        );
+    }
+
+    #[test]
+    fn client_role_rejects_masked_frames_and_server_role_unmasked_ones() {
+        let masked_frame = masked(OP_TEXT, b"hi");
+        assert_eq!(
+            client_decode_all(&masked_frame),
+            Err(CloseReason::Protocol("masked server frame"))
+        );
+        let unmasked = frame(OP_TEXT, b"hi");
+        assert_eq!(
+            decode_err(&unmasked),
+            CloseReason::Protocol("unmasked client frame")
+        );
+    }
+
+    #[test]
+    fn client_role_keeps_the_other_checks() {
+        assert_eq!(
+            client_decode_all(&[0xC1, 0x00]),
+            Err(CloseReason::Protocol(
+                "reserved bits set without a negotiated extension"
+            ))
+        );
+        assert_eq!(
+            client_decode_all(&[0x09, 0x00]),
+            Err(CloseReason::Protocol("fragmented control frame"))
+        );
+        assert_eq!(
+            client_decode_all(&[0x81, 0x02, 0xff, 0xfe]),
+            Err(CloseReason::InvalidUtf8)
+        );
+        let mut d = Decoder::new_client(10);
+        let big = frame(OP_TEXT, &[b'x'; 11]);
+        assert_eq!(
+            feed(&mut d, &big[..2], &[]).1,
+            Err(CloseReason::TooBig),
+            "decided from the header"
+        );
     }
 
     #[test]

@@ -1,0 +1,445 @@
+//! The command line: one subcommand per scenario, common options, and the plan they make.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::plan::{FlatOut, Plan, Scenario, Storm};
+use crate::util::{parse_duration, parse_sources, Rng};
+
+/// The load generator bundled with arcgate: simulated agents, dashboard users and a
+/// service client against a running gateway, with honest numbers.
+#[derive(Debug, Parser)]
+#[command(name = "arcgate-load", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Open N agents at --connect-rate (or as fast as --concurrency allows) and hold them
+    Connect(ConnectArgs),
+    /// A fleet at realistic rates: heartbeats, metrics, status changes, players, commands
+    Steady(SteadyArgs),
+    /// N agents send heartbeats flat out, a bounded number in flight: inbound capacity
+    Flood(FloodArgs),
+    /// M users of one cluster, A agents sending server:status at R per second in all
+    Fanout(FanoutArgs),
+    /// The whole fleet drops and reconnects, or the gateway restarts (--restart-cmd)
+    Storm(StormArgs),
+    /// A service issues commands at a rate to random agents: round trips
+    Commands(CommandsArgs),
+    /// One worker process (started by the coordinator; reads its plan on stdin)
+    #[command(name = "__worker", hide = true)]
+    Worker,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The gateway's base URL; /ws/agent and /ws/client are appended
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    pub url: String,
+    /// HS256 secret to mint tokens with (the gateway's --jwt-secret)
+    #[arg(long, env = "ARCGATE_JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// How long the measured window lasts
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Write a machine-readable report here
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a self-contained HTML page with the latency curve and the rates over time
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// The gateway's process id: its CPU time per message and memory per connection
+    #[arg(long, value_name = "PID")]
+    pub gateway_pid: Option<u32>,
+    /// No live status line on stderr
+    #[arg(long)]
+    pub quiet: bool,
+    /// IPv4 source addresses to spread connections over, e.g. 127.0.0.1-127.0.0.20
+    #[arg(long, value_name = "A-B,C")]
+    pub sources: Option<String>,
+    /// Worker processes (each under ~19,000 sockets); their results are merged
+    #[arg(long, default_value_t = 1)]
+    pub procs: u32,
+    /// Clusters the agents are spread over
+    #[arg(long, default_value_t = 10)]
+    pub clusters: u32,
+    /// New connections per second while setting up (0: as fast as --concurrency allows)
+    #[arg(long, default_value_t = 0.0)]
+    pub connect_rate: f64,
+    /// Connection attempts in progress at most while setting up
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: u32,
+    /// Agent heartbeat period (each agent starts at a random phase; 0: none)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Agent metrics period (random phase; 0: none)
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+    /// How long an agent takes to answer a command
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub command_latency: Duration,
+    /// Deadline of one connection attempt (TCP, upgrade and auth)
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Longest wait for the whole fleet to be authenticated before the window starts
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub setup_timeout: Duration,
+    /// Longest wait after the window for deliveries and answers still on their way
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Messages an agent keeps while disconnected, resent after it reconnects
+    #[arg(long, default_value_t = 256)]
+    pub queue_limit: u32,
+    /// Largest message accepted from the gateway
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_message_size: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Agents to open
+    #[arg(long, default_value_t = 1000)]
+    pub agents: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SteadyArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 100)]
+    pub agents: u32,
+    /// Dashboard users
+    #[arg(long, default_value_t = 10)]
+    pub clients: u32,
+    /// Clusters each user sees
+    #[arg(long, default_value_t = 1)]
+    pub user_clusters: u32,
+    /// server:status changes per second across the fleet
+    #[arg(long, default_value_t = 10.0)]
+    pub status_rate: f64,
+    /// player:joined/left per second across the fleet
+    #[arg(long, default_value_t = 2.0)]
+    pub player_rate: f64,
+    /// Commands per second from the service client (0: no service client)
+    #[arg(long, default_value_t = 1.0)]
+    pub command_rate: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FloodArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 100)]
+    pub agents: u32,
+    /// Messages per agent sent and not yet acknowledged (by a ping's pong) at most
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Users of the one cluster
+    #[arg(long, default_value_t = 100)]
+    pub clients: u32,
+    #[arg(long, default_value_t = 10)]
+    pub agents: u32,
+    /// server:status per second from all agents together (0: flat out)
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// With --rate 0: messages per agent not yet acknowledged at most
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StormArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 1000)]
+    pub agents: u32,
+    /// Dashboard users watching meanwhile
+    #[arg(long, default_value_t = 0)]
+    pub clients: u32,
+    /// server:status per second across the fleet meanwhile
+    #[arg(long, default_value_t = 0.0)]
+    pub status_rate: f64,
+    /// When the storm starts, after the window opens
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub storm_after: Duration,
+    /// Restart the gateway with this shell command instead of dropping the connections
+    #[arg(long, value_name = "CMD")]
+    pub restart_cmd: Option<String>,
+    /// Reconnect at once, without backoff (the worst case, not what a good client does)
+    #[arg(long)]
+    pub herd: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CommandsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 100)]
+    pub agents: u32,
+    /// Commands per second
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+}
+
+/// What the coordinator does besides running the plan.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub json: Option<PathBuf>,
+    pub html: Option<PathBuf>,
+    pub quiet: bool,
+    pub gateway_pid: Option<u32>,
+    pub restart_cmd: Option<String>,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Host header, socket address and base path of a `ws://` URL.
+fn resolve(url: &str) -> Result<(String, std::net::SocketAddr, String), String> {
+    if url.starts_with("wss://") {
+        return Err("wss:// is not supported: point --url at a ws:// listener".into());
+    }
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("--url {url:?}: expected ws://HOST:PORT"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("--url {url:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--url {url:?}: no address"))?;
+    Ok((authority.to_string(), addr, path.to_string()))
+}
+
+fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
+    let (host, addr, base_path) = resolve(&c.url)?;
+    if c.secret.is_empty() {
+        return Err("--secret must not be empty".into());
+    }
+    if c.procs == 0 || c.procs > 64 {
+        return Err("--procs must be between 1 and 64".into());
+    }
+    if c.duration.is_zero() {
+        return Err("--duration must be more than 0".into());
+    }
+    let sources = match &c.sources {
+        Some(s) => parse_sources(s)?,
+        None => Vec::new(),
+    };
+    let run_id = format!("{:06x}", Rng::from_os().next_u64() & 0xFF_FFFF);
+    let ttl = c.duration + c.setup_timeout + c.drain + Duration::from_secs(3600);
+    Ok(Plan {
+        scenario,
+        addr,
+        host,
+        base_path,
+        secret: c.secret.clone(),
+        run_id,
+        agents: 0,
+        users: 0,
+        service: false,
+        clusters: c.clusters.max(1),
+        user_clusters: 1,
+        heartbeat_ms: ms(c.heartbeat_interval),
+        metrics_ms: ms(c.metrics_interval),
+        status_rate: 0.0,
+        player_rate: 0.0,
+        command_rate: 0.0,
+        command_latency_ms: ms(c.command_latency),
+        flat_out: None,
+        in_flight: 32,
+        connect_rate: c.connect_rate.max(0.0),
+        concurrency: c.concurrency.max(1),
+        attempt_timeout_ms: ms(c.timeout).max(1),
+        setup_timeout_ms: ms(c.setup_timeout),
+        duration_ms: ms(c.duration),
+        drain_ms: ms(c.drain),
+        sources,
+        storm: None,
+        token_ttl_s: ttl.as_secs(),
+        queue_limit: c.queue_limit,
+        max_message: c.max_message_size.max(1024),
+        proc_index: 0,
+        procs: c.procs,
+    })
+}
+
+impl Command {
+    /// The plan and the output options of a scenario subcommand (`None` for the worker).
+    pub fn plan(&self) -> Result<Option<(Plan, Output)>, String> {
+        let (plan, common, restart_cmd) = match self {
+            Command::Worker => return Ok(None),
+            Command::Connect(a) => {
+                let mut p = base(Scenario::Connect, &a.common)?;
+                p.agents = a.agents;
+                (p, &a.common, None)
+            }
+            Command::Steady(a) => {
+                let mut p = base(Scenario::Steady, &a.common)?;
+                p.agents = a.agents;
+                p.users = a.clients;
+                p.user_clusters = a.user_clusters.max(1);
+                p.status_rate = a.status_rate.max(0.0);
+                p.player_rate = a.player_rate.max(0.0);
+                p.command_rate = a.command_rate.max(0.0);
+                p.service = p.command_rate > 0.0;
+                (p, &a.common, None)
+            }
+            Command::Flood(a) => {
+                let mut p = base(Scenario::Flood, &a.common)?;
+                p.agents = a.agents;
+                p.flat_out = Some(FlatOut::Heartbeat);
+                p.in_flight = a.in_flight.max(1);
+                (p, &a.common, None)
+            }
+            Command::Fanout(a) => {
+                let mut p = base(Scenario::Fanout, &a.common)?;
+                p.agents = a.agents;
+                p.users = a.clients;
+                p.clusters = 1;
+                if a.rate > 0.0 {
+                    p.status_rate = a.rate;
+                } else {
+                    p.flat_out = Some(FlatOut::Status);
+                }
+                p.in_flight = a.in_flight.max(1);
+                (p, &a.common, None)
+            }
+            Command::Storm(a) => {
+                let mut p = base(Scenario::Storm, &a.common)?;
+                p.agents = a.agents;
+                p.users = a.clients;
+                p.status_rate = a.status_rate.max(0.0);
+                p.storm = Some(Storm {
+                    after_ms: ms(a.storm_after),
+                    drop: a.restart_cmd.is_none(),
+                    herd: a.herd,
+                });
+                if a.storm_after >= a.common.duration {
+                    return Err("--storm-after must be shorter than --duration".into());
+                }
+                (p, &a.common, a.restart_cmd.clone())
+            }
+            Command::Commands(a) => {
+                let mut p = base(Scenario::Commands, &a.common)?;
+                p.agents = a.agents;
+                p.command_rate = a.rate.max(0.0);
+                p.service = true;
+                (p, &a.common, None)
+            }
+        };
+        let output = Output {
+            json: common.json.clone(),
+            html: common.html.clone(),
+            quiet: common.quiet,
+            gateway_pid: common.gateway_pid,
+            restart_cmd,
+        };
+        Ok(Some((plan, output)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let mut v = vec!["arcgate-load"];
+        v.extend_from_slice(args);
+        let cli = Cli::try_parse_from(v).map_err(|e| e.to_string())?;
+        cli.command.plan().map(|p| p.expect("a scenario").0)
+    }
+
+    #[test]
+    fn urls_resolve_with_base_paths() {
+        let (host, addr, path) = resolve("ws://127.0.0.1:9001/").unwrap();
+        assert_eq!(
+            (host.as_str(), addr.port(), path.as_str()),
+            ("127.0.0.1:9001", 9001, "")
+        );
+        let (_, addr, path) = resolve("ws://localhost:7/gw").unwrap();
+        assert_eq!((addr.port(), path.as_str()), (7, "/gw"));
+        assert!(resolve("wss://x:1").is_err());
+        assert!(resolve("http://x:1").is_err());
+    }
+
+    #[test]
+    fn scenarios_make_their_plans() {
+        let p = plan(&[
+            "fanout",
+            "--secret",
+            "s",
+            "--clients",
+            "5",
+            "--agents",
+            "2",
+            "--rate",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!((p.users, p.agents, p.clusters), (5, 2, 1));
+        assert_eq!(p.flat_out, Some(FlatOut::Status));
+        let p = plan(&["steady", "--secret", "s", "--command-rate", "0"]).unwrap();
+        assert!(!p.service);
+        let p = plan(&["commands", "--secret", "s", "--rate", "5", "--procs", "2"]).unwrap();
+        assert!(p.service && p.command_rate == 5.0 && p.procs == 2);
+        let p = plan(&[
+            "storm",
+            "--secret",
+            "s",
+            "--restart-cmd",
+            "true",
+            "--duration",
+            "9s",
+        ])
+        .unwrap();
+        assert!(!p.storm.unwrap().drop);
+        assert!(plan(&[
+            "storm",
+            "--secret",
+            "s",
+            "--duration",
+            "2s",
+            "--storm-after",
+            "3s"
+        ])
+        .is_err());
+        assert!(plan(&["flood", "--secret", ""]).is_err());
+        let p = plan(&[
+            "connect",
+            "--secret",
+            "s",
+            "--sources",
+            "127.0.0.1-127.0.0.4",
+        ])
+        .unwrap();
+        assert_eq!(p.sources.len(), 4);
+    }
+}
