@@ -311,6 +311,12 @@ impl Worker {
 impl Handler for Worker {
     fn on_accept(&mut self, _io: &mut Conns, id: ConnId, now: Instant) {
         let mut reject = self.env.admission.admit(now);
+        tracing::debug!(
+            worker = self.hub.index,
+            conn = id.slot,
+            refused = reject.is_some(),
+            "connection accepted"
+        );
         if self.drain.is_some() {
             reject = Some(1);
         }
@@ -339,6 +345,7 @@ impl Handler for Worker {
     }
 
     fn on_close(&mut self, io: &mut Conns, id: ConnId, now: Instant) {
+        tracing::debug!(worker = self.hub.index, conn = id.slot, "connection closed");
         self.retire(io, id);
         self.env.admission.release();
         self.apply_hub_requests(io, now);

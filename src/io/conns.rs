@@ -116,6 +116,13 @@ pub(crate) struct Slot {
     pub dirty: bool,
     /// A send is in flight (io_uring): its iovecs point into `out`.
     pub sending: bool,
+    /// io_uring: a multishot receive is armed / a shutdown is in flight / the close was
+    /// submitted. A direct descriptor is closed only once nothing else refers to it, since
+    /// the kernel may resolve an operation's descriptor index late and the index is
+    /// reused by the next accept.
+    pub recv_armed: bool,
+    pub shutting: bool,
+    pub close_sent: bool,
 }
 
 /// All connections of one worker.
@@ -213,24 +220,26 @@ impl Conns {
 
     pub(crate) fn insert(&mut self, fd: i32) -> ConnId {
         self.live += 1;
-        if let Some(i) = self.free.pop() {
-            let slot = &mut self.slots[i as usize];
-            slot.gen = slot.gen.wrapping_add(1);
-            slot.state = State::Open;
-            slot.fd = fd;
-            return ConnId {
-                slot: i,
-                gen: slot.gen,
-            };
-        }
-        self.slots.push(Slot {
-            gen: 0,
+        let fresh = |gen| Slot {
+            gen,
             state: State::Open,
             fd,
             out: OutQueue::default(),
             dirty: false,
             sending: false,
-        });
+            recv_armed: false,
+            shutting: false,
+            close_sent: false,
+        };
+        if let Some(i) = self.free.pop() {
+            let slot = &mut self.slots[i as usize];
+            *slot = fresh(slot.gen.wrapping_add(1));
+            return ConnId {
+                slot: i,
+                gen: slot.gen,
+            };
+        }
+        self.slots.push(fresh(0));
         ConnId {
             slot: self.slots.len() as u32 - 1,
             gen: 0,
@@ -278,7 +287,6 @@ impl Conns {
         if let Some(slot) = self.get_mut(id) {
             slot.state = State::Free;
             slot.out.clear();
-            slot.sending = false;
             slot.fd = -1;
             self.live -= 1;
             self.free.push(id.slot);
@@ -354,5 +362,18 @@ mod tests {
         assert_eq!(c.send(a, Bytes::from_static(b"x")), Queued::Gone);
         assert_eq!(c.send(b, Bytes::from_static(b"x")), Queued::Ok);
         assert_eq!(c.send(b, Bytes::from_static(&[0; 10])), Queued::Overflow);
+    }
+
+    #[test]
+    fn a_reused_slot_starts_clean() {
+        let mut c = Conns::new(10);
+        let a = c.insert(7);
+        let s = c.get_mut(a).unwrap();
+        (s.sending, s.recv_armed, s.shutting, s.close_sent) = (true, true, true, true);
+        c.remove(a);
+        let b = c.insert(8);
+        let s = c.get(b).unwrap();
+        assert!(!s.sending && !s.recv_armed && !s.shutting && !s.close_sent);
+        assert_eq!((s.fd, s.state), (8, State::Open));
     }
 }

@@ -201,7 +201,10 @@ impl UringLoop {
         self.accept_armed = true;
     }
 
-    fn arm_recv(&mut self, id: ConnId, fd: i32) {
+    fn arm_recv(&mut self, conns: &mut Conns, id: ConnId, fd: i32) {
+        if let Some(s) = conns.get_mut(id) {
+            s.recv_armed = true;
+        }
         let sqe = opcode::RecvMulti::new(Fixed(fd as u32), BUF_GROUP)
             .build()
             .user_data(tag(OP_RECV, id));
@@ -285,7 +288,7 @@ impl UringLoop {
                 }
                 if res >= 0 {
                     let id = conns.insert(res);
-                    self.arm_recv(id, res);
+                    self.arm_recv(conns, id, res);
                     handler.on_accept(conns, id, now);
                 } else if res != -libc::ECANCELED {
                     tracing::debug!(error = %io::Error::from_raw_os_error(-res), "accept failed");
@@ -296,32 +299,8 @@ impl UringLoop {
             }
             OP_RECV => {
                 let bid = cqueue::buffer_select(flags);
-                let id = find(conns);
-                if let (Some(id), true) = (id, res > 0) {
-                    let bid = bid.expect("a receive with data names its buffer");
-                    let state = conns.get(id).map(|s| s.state);
-                    if state == Some(State::Open) {
-                        let buf = self.bufs.buf(bid, res as usize);
-                        handler.on_data(conns, id, buf, now);
-                    }
-                    if !cqueue::more(flags)
-                        && conns.get(id).is_some_and(|s| s.state != State::Teardown)
-                    {
-                        let fd = conns.get(id).map(|s| s.fd).unwrap_or(-1);
-                        self.arm_recv(id, fd);
-                    }
-                } else if let Some(id) = id {
-                    if res == -libc::ENOBUFS {
-                        let fd = conns.get(id).map(|s| s.fd).unwrap_or(-1);
-                        if !cqueue::more(flags) {
-                            self.arm_recv(id, fd);
-                        }
-                    } else if res != -libc::ECANCELED
-                        && conns.get(id).is_some_and(|s| s.state != State::Teardown)
-                    {
-                        // End of stream or a socket error.
-                        self.teardown(conns, id);
-                    }
+                if let Some(id) = find(conns) {
+                    self.received(conns, handler, id, res, flags, bid, now);
                 }
                 if let Some(bid) = bid {
                     self.bufs.push(bid);
@@ -335,11 +314,7 @@ impl UringLoop {
                 let s = conns.get_mut(id).expect("found above");
                 s.sending = false;
                 match s.state {
-                    State::Teardown => {
-                        if s.fd < 0 {
-                            self.finish(conns, handler, id, now);
-                        }
-                    }
+                    State::Teardown => self.close_when_idle(conns, id),
                     _ if res < 0 => self.teardown(conns, id),
                     _ => {
                         s.out.advance(res as usize);
@@ -349,11 +324,16 @@ impl UringLoop {
                     }
                 }
             }
-            OP_CLOSE => {
+            OP_SHUTDOWN => {
                 let Some(id) = find(conns) else { return };
                 let s = conns.get_mut(id).expect("found above");
-                s.fd = -1;
-                if !s.sending {
+                s.shutting = false;
+                if s.state == State::Teardown {
+                    self.close_when_idle(conns, id);
+                }
+            }
+            OP_CLOSE => {
+                if let Some(id) = find(conns) {
                     self.finish(conns, handler, id, now);
                 }
             }
@@ -368,7 +348,47 @@ impl UringLoop {
         }
     }
 
-    /// Closes the socket now: cancels its receive and any send, then closes the descriptor.
+    /// A receive completion for `id`: data for the session, the end of the stream, or
+    /// the end of the multishot (re-armed while the connection lives).
+    #[allow(clippy::too_many_arguments)]
+    fn received<H: Handler>(
+        &mut self,
+        conns: &mut Conns,
+        handler: &mut H,
+        id: ConnId,
+        res: i32,
+        flags: u32,
+        bid: Option<u16>,
+        now: Instant,
+    ) {
+        let more = cqueue::more(flags);
+        if !more {
+            if let Some(s) = conns.get_mut(id) {
+                s.recv_armed = false;
+            }
+        }
+        let state = conns.get(id).map_or(State::Free, |s| s.state);
+        if state == State::Teardown {
+            self.close_when_idle(conns, id);
+            return;
+        }
+        if res > 0 {
+            if let (State::Open, Some(bid)) = (state, bid) {
+                handler.on_data(conns, id, self.bufs.buf(bid, res as usize), now);
+            }
+        } else if res != -libc::ENOBUFS {
+            // End of stream, a socket error, or a cancellation.
+            self.teardown(conns, id);
+            return;
+        }
+        if !more && conns.get(id).is_some_and(|s| s.state != State::Teardown) {
+            let fd = conns.get(id).map_or(-1, |s| s.fd);
+            self.arm_recv(conns, id, fd);
+        }
+    }
+
+    /// Stops the connection: cancels everything in flight on its descriptor; the
+    /// descriptor is closed once those operations have completed.
     fn teardown(&mut self, conns: &mut Conns, id: ConnId) {
         let Some(s) = conns.get_mut(id) else { return };
         if s.state == State::Teardown {
@@ -380,7 +400,18 @@ impl UringLoop {
             .build()
             .user_data(tag(OP_CANCEL, id));
         self.push(cancel);
-        let close = opcode::Close::new(Fixed(fd))
+        self.close_when_idle(conns, id);
+    }
+
+    /// Submits the close of a torn-down connection's descriptor once no operation
+    /// refers to it any more.
+    fn close_when_idle(&mut self, conns: &mut Conns, id: ConnId) {
+        let Some(s) = conns.get_mut(id) else { return };
+        if s.sending || s.shutting || s.recv_armed || s.close_sent {
+            return;
+        }
+        s.close_sent = true;
+        let close = opcode::Close::new(Fixed(s.fd as u32))
             .build()
             .user_data(tag(OP_CLOSE, id));
         self.push(close);
@@ -404,6 +435,7 @@ impl UringLoop {
             if s.out.is_empty() {
                 if s.state == State::Flushing {
                     s.state = State::Lingering;
+                    s.shutting = true;
                     let fd = s.fd as u32;
                     let sqe = opcode::Shutdown::new(Fixed(fd), libc::SHUT_WR)
                         .build()

@@ -219,6 +219,19 @@ fn first_byte(text: &str) -> Option<u8> {
     text.trim_start_matches(is_json_ws).bytes().next()
 }
 
+/// The string `id` of a message that is not a valid envelope (for instance one without
+/// `event`), so that the error answering it can still carry the request id.
+pub fn salvage_id(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    if !text.trim_start().starts_with('{') || !precheck(text) {
+        return None;
+    }
+    sonic_rs::from_str::<IdOnly>(text).ok()?.id
+}
+
 /// Why the `data` of a known event is invalid, e.g. "data.token must be a string".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataError(pub String);
@@ -1475,5 +1488,20 @@ mod tests {
             payload(&f)["data"]["machineId"].as_str().unwrap().len(),
             1000
         );
+    }
+
+    #[test]
+    fn salvage_id_finds_the_id_of_invalid_envelopes() {
+        assert_eq!(
+            salvage_id(r#"{"id":"bad-1","data":{}}"#).as_deref(),
+            Some("bad-1")
+        );
+        assert_eq!(
+            salvage_id(r#"{"event":5,"id":"bad-2"}"#).as_deref(),
+            Some("bad-2")
+        );
+        assert_eq!(salvage_id(r#"{"event":5,"id":7}"#), None);
+        assert_eq!(salvage_id("not json"), None);
+        assert_eq!(salvage_id(r#"["id"]"#), None);
     }
 }

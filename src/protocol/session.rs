@@ -557,11 +557,18 @@ impl Core {
         let env = match envelope::parse(text) {
             Ok(env) => env,
             Err(err) if authed => {
-                return send_error(ctx, ErrorCode::InvalidMessage, &err.to_string(), None, out);
+                let id = envelope::salvage_id(text);
+                return send_error(
+                    ctx,
+                    ErrorCode::InvalidMessage,
+                    &err.to_string(),
+                    id.as_deref(),
+                    out,
+                );
             }
             Err(err) => {
                 let msg = format!("expected auth as the first message: {err}");
-                return self.auth_failed(ctx, &msg, None, out);
+                return self.auth_failed(ctx, &msg, envelope::salvage_id(text).as_deref(), out);
             }
         };
         match (authed, env.event.as_ref()) {
