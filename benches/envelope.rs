@@ -1,0 +1,125 @@
+//! Envelope hot paths: parsing inbound messages (sonic-rs, against serde_json) and
+//! encoding the frames the gateway relays.
+
+use std::borrow::Cow;
+use std::hint::black_box;
+
+use arcgate::protocol::envelope;
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sonic_rs::LazyValue;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const HEARTBEAT: &str = r#"{"event":"heartbeat","data":{"machineId":"mch_123","timestamp":1700000000,"cpu":12.5,"memory":48.1,"uptime":86400}}"#;
+
+const SERVER_STATUS: &str = r#"{"event":"server:status","data":{"serverId":"srv_xyz","status":"running","players":12,"maxPlayers":64,"map":"de_dust2","name":"EU #1 \"Casual\"","uptime":3600,"tickrate":128}}"#;
+
+const HEARTBEAT_DATA_NO_ID: &str =
+    r#"{"timestamp":1700000000,"cpu":12.5,"memory":48.1,"uptime":86400}"#;
+const HEARTBEAT_DATA: &str =
+    r#"{"machineId":"mch_123","timestamp":1700000000,"cpu":12.5,"memory":48.1,"uptime":86400}"#;
+const COMMAND_DATA: &str = r#"{"machineId":"mch_123","type":"server:start","serverId":"srv_xyz"}"#;
+
+const TS: u64 = 1_700_000_000_123;
+
+/// The same shape as arcgate's envelope, parsed with serde_json.
+#[derive(Deserialize)]
+struct JsonEnvelope<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// arcgate's envelope struct, parsed with sonic-rs alone (no depth precheck, no checks
+/// of the first byte): what `envelope::parse` adds on top of the parser shows against it.
+#[derive(Deserialize)]
+struct SonicEnvelope<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    data: Option<LazyValue<'a>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+fn sonic_parse(text: &str) -> (usize, usize, bool) {
+    let e: SonicEnvelope<'_> = sonic_rs::from_str(text).expect("valid envelope");
+    let data = e.data.as_ref().map_or(0, |d| d.as_raw_str().len());
+    (e.event.len(), data, e.id.is_some())
+}
+
+fn serde_json_parse(text: &str) -> (usize, usize, bool) {
+    let e: JsonEnvelope<'_> = serde_json::from_str(text).expect("valid envelope");
+    (
+        e.event.len(),
+        e.data.map_or(0, |d| d.get().len()),
+        e.id.is_some(),
+    )
+}
+
+fn arcgate_parse(text: &str) -> (usize, usize, bool) {
+    let e = envelope::parse(text).expect("valid envelope");
+    (e.event.len(), e.data.map_or(0, str::len), e.id.is_some())
+}
+
+fn parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("envelope parse");
+    for (name, text) in [("heartbeat", HEARTBEAT), ("server:status", SERVER_STATUS)] {
+        // Both parsers must agree on what they found.
+        assert_eq!(arcgate_parse(text), serde_json_parse(text));
+        assert_eq!(sonic_parse(text), serde_json_parse(text));
+        g.bench_function(format!("{name} envelope::parse (sonic-rs)"), |b| {
+            b.iter(|| arcgate_parse(black_box(text)))
+        });
+        g.bench_function(format!("{name} serde_json"), |b| {
+            b.iter(|| serde_json_parse(black_box(text)))
+        });
+        g.bench_function(format!("{name} sonic_rs::from_str alone"), |b| {
+            b.iter(|| sonic_parse(black_box(text)))
+        });
+        g.bench_function(format!("{name} precheck only"), |b| {
+            b.iter(|| envelope::precheck(black_box(text)))
+        });
+    }
+    g.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("envelope encode");
+    g.bench_function("relay heartbeat, no machineId in data", |b| {
+        b.iter(|| {
+            envelope::relay(
+                "heartbeat",
+                "mch_123",
+                "clu_abc",
+                black_box(HEARTBEAT_DATA_NO_ID),
+                TS,
+            )
+        })
+    });
+    g.bench_function("relay heartbeat, machineId in data", |b| {
+        b.iter(|| {
+            envelope::relay(
+                "heartbeat",
+                "mch_123",
+                "clu_abc",
+                black_box(HEARTBEAT_DATA),
+                TS,
+            )
+        })
+    });
+    g.bench_function("command_to_agent", |b| {
+        b.iter(|| envelope::command_to_agent("cmd_0_42", black_box(COMMAND_DATA), TS))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, encode);
+criterion_main!(benches);
