@@ -59,6 +59,8 @@ pub(crate) struct OutQueue {
     offset: usize,
     /// Bytes not yet written.
     pub bytes: usize,
+    /// Frames covered by the last `iovecs` call: a send in flight points into them.
+    pinned: usize,
 }
 
 impl OutQueue {
@@ -72,7 +74,8 @@ impl OutQueue {
     }
 
     /// Up to `max` iovecs covering the unwritten bytes, in order.
-    pub fn iovecs(&self, out: &mut Vec<libc::iovec>, max: usize) {
+    pub fn iovecs(&mut self, out: &mut Vec<libc::iovec>, max: usize) {
+        self.pinned = self.frames.len().min(max);
         for (i, f) in self.frames.iter().take(max).enumerate() {
             let skip = if i == 0 { self.offset } else { 0 };
             out.push(libc::iovec {
@@ -103,6 +106,23 @@ impl OutQueue {
 
     pub fn clear(&mut self) {
         *self = OutQueue::default();
+    }
+
+    /// Drops every frame not started yet. Kept whole: the frames a send in flight points
+    /// into (`sending`), and a frame already partly written, since cutting it would
+    /// leave the peer a stream it cannot parse.
+    pub fn discard_unsent(&mut self, sending: bool) {
+        let keep = if sending {
+            self.pinned
+        } else {
+            usize::from(self.offset > 0)
+        };
+        let keep = keep.min(self.frames.len());
+        let dropped: usize = self.frames.drain(keep..).map(|f| f.len()).sum();
+        self.bytes -= dropped;
+        if self.frames.is_empty() {
+            self.clear();
+        }
     }
 }
 
@@ -183,13 +203,11 @@ impl Conns {
         self.lingering.push_back((now + super::LINGER, id));
     }
 
-    /// Drops whatever is queued (a consumer too slow to take it) so that only what is
-    /// queued next, such as a close frame, gets written.
+    /// Drops what is queued and not started (a consumer too slow to take it) so that
+    /// what is queued next, such as a close frame, follows right after.
     pub fn discard_queued(&mut self, id: ConnId) {
         if let Some(slot) = self.open_slot(id) {
-            if !slot.sending {
-                slot.out.clear();
-            }
+            slot.out.discard_unsent(slot.sending);
         }
     }
 
@@ -381,6 +399,47 @@ mod tests {
         q.iovecs(&mut v, 8);
         assert_eq!(v[0].iov_len, 3);
         q.advance(3);
+        assert!(q.is_empty());
+        assert_eq!(q.frames.capacity(), 0);
+    }
+
+    #[test]
+    fn discarding_keeps_a_partly_written_frame_whole() {
+        let mut q = OutQueue::default();
+        for f in [&b"first"[..], b"second", b"third"] {
+            q.push(Bytes::from_static(f));
+        }
+        q.advance(2);
+        q.discard_unsent(false);
+        q.push(Bytes::from_static(b"close"));
+        let mut v = Vec::new();
+        q.iovecs(&mut v, 8);
+        let sent: Vec<u8> = v
+            .iter()
+            // SAFETY: the iovecs point into frames `q` holds.
+            .flat_map(|io| unsafe {
+                std::slice::from_raw_parts(io.iov_base as *const u8, io.iov_len)
+            })
+            .copied()
+            .collect();
+        assert_eq!(sent, b"rstclose");
+        assert_eq!(q.bytes, 8);
+    }
+
+    #[test]
+    fn discarding_keeps_the_frames_of_a_send_in_flight() {
+        let mut q = OutQueue::default();
+        for f in [&b"aa"[..], b"bb", b"cc", b"dd"] {
+            q.push(Bytes::from_static(f));
+        }
+        let mut v = Vec::new();
+        q.iovecs(&mut v, 2);
+        q.discard_unsent(true);
+        assert_eq!((q.frames.len(), q.bytes), (2, 4));
+        // Nothing started and nothing in flight: everything goes.
+        q.advance(4);
+        q.push(Bytes::from_static(b"ee"));
+        q.discard_unsent(false);
         assert!(q.is_empty());
         assert_eq!(q.frames.capacity(), 0);
     }
