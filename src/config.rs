@@ -51,6 +51,10 @@ pub struct Config {
     pub max_connection_rate: u32,
     /// At least `max_message_size`.
     pub max_outbound_bytes: usize,
+    /// Connections of one worker still sending their request head; more get `503` at once.
+    pub max_pending_handshakes: usize,
+    /// Largest request head, `MIN_HEADER_BYTES` to `MAX_HEADER_BYTES`.
+    pub max_header_bytes: usize,
     /// Lowercase `scheme://host[:port]` entries.
     pub allowed_origins: Option<Vec<String>>,
     pub workers: usize,
@@ -66,6 +70,10 @@ pub struct Config {
 pub const MIN_MESSAGE_SIZE: usize = 125;
 /// The largest `max_message_size` (64 MiB).
 pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
+/// The smallest `max_header_bytes`: a browser's upgrade request with cookies needs ~1 KiB.
+pub const MIN_HEADER_BYTES: usize = 1024;
+/// The largest `max_header_bytes` (64 KiB).
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
 
 impl Default for Config {
     /// The documented defaults, with no key.
@@ -91,6 +99,8 @@ impl Default for Config {
             max_connections: None,
             max_connection_rate: 0,
             max_outbound_bytes: 1 << 20,
+            max_pending_handshakes: 1024,
+            max_header_bytes: 8 << 10,
             allowed_origins: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             io: IoMode::Auto,
@@ -179,6 +189,12 @@ pub struct ServeArgs {
     /// Queued outgoing bytes per connection before it is closed with 1013 [default: 1048576]
     #[arg(long, env = "ARCGATE_MAX_OUTBOUND_BYTES", value_name = "BYTES")]
     pub max_outbound_bytes: Option<String>,
+    /// Connections per worker still sending their request head; more get 503 [default: 1024]
+    #[arg(long, env = "ARCGATE_MAX_PENDING_HANDSHAKES", value_name = "N")]
+    pub max_pending_handshakes: Option<String>,
+    /// Largest HTTP request head, 1 KiB to 64 KiB; larger gets 431 [default: 8192]
+    #[arg(long, env = "ARCGATE_MAX_HEADER_BYTES", value_name = "BYTES")]
+    pub max_header_bytes: Option<String>,
     /// Browser origins allowed to connect, e.g. https://panel.example.com [default: any]
     #[arg(long, env = "ARCGATE_ALLOWED_ORIGINS", value_name = "A,B")]
     pub allowed_origins: Option<String>,
@@ -258,6 +274,8 @@ text_keys!(
     max_connections,
     max_connection_rate,
     max_outbound_bytes,
+    max_pending_handshakes,
+    max_header_bytes,
     allowed_origins,
     workers,
     io,
@@ -319,7 +337,7 @@ impl Config {
             None => ("jwt_secret", None, "generated at start (dev)"),
         };
         let origins = self.allowed_origins.as_ref().map(|o| format!("{o:?}"));
-        let lines: [(&str, Option<String>, &str); 27] = [
+        let lines: [(&str, Option<String>, &str); 29] = [
             ("listen", q(&self.listen.to_string()), ""),
             ("admin_listen", q(&self.admin_listen.to_string()), ""),
             key_line,
@@ -356,6 +374,12 @@ impl Config {
             ),
             ("max_connection_rate", num(&self.max_connection_rate), ""),
             ("max_outbound_bytes", num(&self.max_outbound_bytes), ""),
+            (
+                "max_pending_handshakes",
+                num(&self.max_pending_handshakes),
+                "",
+            ),
+            ("max_header_bytes", num(&self.max_header_bytes), ""),
             ("allowed_origins", origins, "unset (any origin)"),
             ("workers", num(&self.workers), ""),
             ("io", q(io_name(self.io)), ""),
@@ -543,6 +567,12 @@ impl Fields<'_> {
                 .map(|_| self.at_least("max_connections", 1, 1)),
             max_connection_rate: self.number("max_connection_rate", d.max_connection_rate),
             max_outbound_bytes: self.bytes("max_outbound_bytes", d.max_outbound_bytes),
+            max_pending_handshakes: self.at_least(
+                "max_pending_handshakes",
+                d.max_pending_handshakes,
+                1,
+            ),
+            max_header_bytes: self.bytes("max_header_bytes", d.max_header_bytes),
             allowed_origins: self.origins(),
             workers: self.at_least("workers", d.workers, 1),
             io: self.choice(
@@ -749,6 +779,12 @@ impl Fields<'_> {
             let expected =
                 format!("expected between {MIN_MESSAGE_SIZE} and {MAX_MESSAGE_SIZE} (64 MiB)");
             self.fail("max_message_size", &value, &expected);
+        }
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&c.max_header_bytes) {
+            let value = self.shown("max_header_bytes", c.max_header_bytes);
+            let expected =
+                format!("expected between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES} (64 KiB)");
+            self.fail("max_header_bytes", &value, &expected);
         }
         if c.rate_limit > 0 && c.rate_burst < 1 {
             let value = self.shown("rate_burst", c.rate_burst);
@@ -1216,6 +1252,26 @@ mod tests {
             ..with_secret()
         };
         assert_eq!(Config::load(args).unwrap().rate_limit, 0);
+    }
+
+    #[test]
+    fn handshake_limits_have_bounds() {
+        let load = |pending: &str, head: &str| {
+            Config::load(ServeArgs {
+                max_pending_handshakes: Some(pending.into()),
+                max_header_bytes: Some(head.into()),
+                ..with_secret()
+            })
+        };
+        let c = load("16", "16KiB").unwrap();
+        assert_eq!((c.max_pending_handshakes, c.max_header_bytes), (16, 16384));
+        let d = Config::load(with_secret()).unwrap();
+        assert_eq!((d.max_pending_handshakes, d.max_header_bytes), (1024, 8192));
+        let errs = load("0", "512").unwrap_err().0;
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].contains("max_pending_handshakes: expected at least 1"));
+        assert!(errs[1].contains("max_header_bytes: expected between 1024 and 65536"));
+        assert!(load("8", "128KiB").is_err());
     }
 
     #[test]

@@ -15,8 +15,6 @@ use crate::protocol::handshake::Policy;
 use crate::protocol::session::{Limits, AGENT_PATH, CLIENT_PATH};
 use crate::worker::{Admission, Env, Lifecycle, Worker};
 
-/// Largest HTTP request head accepted on the WebSocket listener.
-pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// Descriptors kept free for the process itself (listeners, rings, logs, admin).
 const FD_RESERVE: usize = 128;
 
@@ -26,7 +24,7 @@ pub fn limits(config: &Config) -> Limits {
         policy: Policy {
             paths: vec![AGENT_PATH.to_string(), CLIENT_PATH.to_string()],
             allowed_origins: config.allowed_origins.clone(),
-            max_header_bytes: MAX_HEADER_BYTES,
+            max_header_bytes: config.max_header_bytes,
         },
         handshake_timeout: config.handshake_timeout,
         auth_timeout: config.auth_timeout,
@@ -156,6 +154,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         admission: Admission::new(max_connections, config.max_connection_rate),
         lifecycle: Lifecycle::default(),
         drain_duration: config.drain_duration,
+        max_pending_handshakes: config.max_pending_handshakes,
     });
     let notifiers = (0..workers)
         .map(|_| Notifier::new().map(Arc::new))

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::auth::Verifier;
 use crate::hub::{Hub, COMMAND_TIMER};
 use crate::io::{ConnId, Conns, Handler};
+use crate::protocol::handshake;
 use crate::protocol::session::{Ctx, Limits, Output, Session};
 use crate::timer::Wheel;
 
@@ -71,13 +72,20 @@ pub struct Env {
     pub admission: Admission,
     pub lifecycle: Lifecycle,
     pub drain_duration: Duration,
+    /// Connections of one worker still sending their request head, at most.
+    pub max_pending_handshakes: usize,
 }
+
+/// Close code and reason for a connection whose outbound queue overflowed.
+pub const SLOW_CONSUMER: (u16, &str) = (1013, "outgoing queue full: the client does not keep up");
 
 struct Conn {
     id: ConnId,
     session: Session,
     /// The earliest deadline this connection has in the wheel.
     timer_at: Option<Instant>,
+    /// Counted in `Worker::handshaking`.
+    handshaking: bool,
 }
 
 /// Drain progress: when it began and how many connections there were.
@@ -95,6 +103,8 @@ pub struct Worker {
     wheel: Wheel,
     fired: Vec<u64>,
     drain: Option<Drain>,
+    /// Connections still in the HTTP handshake.
+    handshaking: usize,
 }
 
 fn unix_ms() -> u64 {
@@ -112,6 +122,7 @@ impl Worker {
             wheel: Wheel::new(Instant::now()),
             fired: Vec::new(),
             drain: None,
+            handshaking: 0,
         }
     }
 
@@ -137,6 +148,7 @@ impl Worker {
             hub,
             conns,
             wheel,
+            handshaking,
             ..
         } = self;
         let Some(conn) = Self::conn_mut(conns, id) else {
@@ -196,6 +208,10 @@ impl Worker {
             io.close(id, now);
             closed = true;
         }
+        if conn.handshaking && !conn.session.is_handshaking() {
+            conn.handshaking = false;
+            *handshaking -= 1;
+        }
         if closed {
             self.retire(io, id);
         } else if let Some(t) = conn.session.poll_timeout() {
@@ -216,6 +232,9 @@ impl Worker {
             return;
         }
         let conn = slot.take().expect("checked above");
+        if conn.handshaking {
+            self.handshaking -= 1;
+        }
         if let Some(who) = conn.session.identity() {
             self.hub.offline(io, id, who, unix_ms());
         }
@@ -224,18 +243,30 @@ impl Worker {
     /// Closes what routing asked to close: replaced agents, slow consumers.
     fn apply_hub_requests(&mut self, io: &mut Conns, now: Instant) {
         while let Some(id) = self.hub.overflowed.pop() {
-            io.discard_queued(id);
-            self.close(
-                io,
-                id,
-                1013,
-                "outgoing queue full: the client does not keep up",
-                now,
-            );
+            self.close_slow_consumer(io, id, now);
         }
         while let Some((id, code, reason)) = self.hub.closes.pop() {
             self.close(io, id, code, reason, now);
         }
+    }
+
+    /// The one place a slow consumer is closed (1013): its outbound queue passed
+    /// `max_outbound_bytes`. What it has not started to receive is dropped, so that the
+    /// close frame goes out next.
+    fn close_slow_consumer(&mut self, io: &mut Conns, id: ConnId, now: Instant) {
+        // Listed once per frame that found the queue full; closed once.
+        if !io.is_open(id) {
+            return;
+        }
+        tracing::debug!(
+            worker = self.hub.index,
+            conn = id.slot,
+            queued = io.queued_bytes(id),
+            "slow consumer: closing with 1013"
+        );
+        io.discard_queued(id);
+        let (code, reason) = SLOW_CONSUMER;
+        self.close(io, id, code, reason, now);
     }
 
     fn close(&mut self, io: &mut Conns, id: ConnId, code: u16, reason: &'static str, now: Instant) {
@@ -309,7 +340,7 @@ impl Worker {
 }
 
 impl Handler for Worker {
-    fn on_accept(&mut self, _io: &mut Conns, id: ConnId, now: Instant) {
+    fn on_accept(&mut self, io: &mut Conns, id: ConnId, now: Instant) {
         let mut reject = self.env.admission.admit(now);
         tracing::debug!(
             worker = self.hub.index,
@@ -320,15 +351,26 @@ impl Handler for Worker {
         if self.drain.is_some() {
             reject = Some(1);
         }
-        let session = Session::new(now, &self.env.limits, reject);
         let slot = id.slot as usize;
         if self.conns.len() <= slot {
             self.conns.resize_with(slot + 1, || None);
         }
+        if self.handshaking >= self.env.max_pending_handshakes {
+            // Too many heads still arriving: answer at once, without reading this one,
+            // so that slow or silent peers cannot hold more than the cap.
+            self.conns[slot] = None;
+            let msg = "too many connections in the handshake; retry later";
+            io.send(id, handshake::service_unavailable(1, msg));
+            io.close(id, now);
+            return;
+        }
+        self.handshaking += 1;
+        let session = Session::new(now, &self.env.limits, reject);
         self.conns[slot] = Some(Conn {
             id,
             session,
             timer_at: None,
+            handshaking: true,
         });
         if let Some(conn) = self.conns[slot].as_mut() {
             if let Some(t) = conn.session.poll_timeout() {

@@ -248,6 +248,11 @@ impl Session {
         self.core.is_closed()
     }
 
+    /// Whether the connection is still sending its HTTP request head.
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.core.phase, Phase::Handshake { .. })
+    }
+
     fn handshake(&mut self, ctx: &Ctx, input: &mut [u8], out: &mut impl FnMut(Output<'_>)) {
         let Phase::Handshake { buf, reject } = &mut self.core.phase else {
             return;
