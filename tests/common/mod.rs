@@ -1,6 +1,6 @@
 //! Shared harness of the integration tests: a real `arcgate` process on free ports, raw HTTP,
 //! a WebSocket client (tokio-tungstenite), a raw frame client, and HS256 token minting.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -188,6 +188,22 @@ impl Gateway {
         }
         let _ = self.child.kill();
         false
+    }
+
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The gateway's resident memory now, in KiB (`VmRSS` of /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     /// Everything the process wrote so far (stdout and stderr).
@@ -825,6 +841,11 @@ impl Ws {
             while let Some(Ok(_)) = self.inner.next().await {}
         })
         .await;
+    }
+
+    /// The underlying stream, to read and write from separate places.
+    pub fn into_inner(self) -> WebSocketStream<TcpStream> {
+        self.inner
     }
 
     /// Drops the TCP connection without a close frame.
