@@ -272,7 +272,13 @@ impl Session {
             return;
         }
         buf.extend_from_slice(input);
-        match handshake::parse(buf, policy) {
+        // A head can only end at a line feed, and what came before was parsed already:
+        // without one, parsing again would cost a whole head per byte of a trickling peer.
+        let outcome = match memchr::memchr(b'\n', input) {
+            Some(_) => handshake::parse(buf, policy),
+            None => Outcome::Partial,
+        };
+        match outcome {
             Outcome::Partial => {
                 let held = buf.len();
                 self.check_head_size(held, ctx, out);
@@ -1274,6 +1280,19 @@ mod tests {
         // The head buffer is gone after the upgrade.
         assert!(matches!(h.session.core.phase, Phase::AwaitAuth));
         assert_eq!(h.session.decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn a_trickled_head_is_parsed_at_line_ends_only() {
+        // Garbage after the first read shows up at the next line feed, not before.
+        let mut h = Harness::new();
+        assert!(h
+            .feed(ms(0), b"GET /ws/agent HTTP/1.1\r\nHost: x\r\n")
+            .is_empty());
+        assert!(h.feed(ms(1), b"Bad Header").is_empty());
+        assert!(h.feed(ms(2), b": v").is_empty());
+        let evs = h.feed(ms(3), b"\r\n");
+        assert!(matches!(&evs[..], [Ev::Http(400, _), Ev::Close]), "{evs:?}");
     }
 
     #[test]
