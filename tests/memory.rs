@@ -113,7 +113,7 @@ async fn unauthenticated_round(gw: &Gateway, io: &str, round: u32) -> u64 {
 /// The RSS once the gateway settled after a round: it frees each connection once the
 /// peer's side is closed too, and its allocator hands pages back as the workers go on.
 async fn settled_rss(gw: &Gateway, limit: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         churn(gw).await;
         let rss = gw.rss_kib();
