@@ -151,9 +151,10 @@ pub enum Msg {
 pub struct Inbox {
     pub queue: SegQueue<Msg>,
     pub notifier: Arc<Notifier>,
-    /// Client connections (users and services) on that worker: fan-out skips workers
-    /// with none.
+    /// Client connections (users and services) on that worker, and services among them:
+    /// fan-out skips workers with no one to deliver to.
     pub clients: AtomicUsize,
+    pub services: AtomicUsize,
 }
 
 /// Where a connected machine lives.
@@ -188,6 +189,7 @@ impl Shared {
                     queue: SegQueue::new(),
                     notifier,
                     clients: AtomicUsize::new(0),
+                    services: AtomicUsize::new(0),
                 })
                 .collect(),
             machines: DashMap::new(),
@@ -414,9 +416,9 @@ impl Hub {
             }
             Role::Service => {
                 self.services.insert(id);
-                self.shared.inboxes[usize::from(self.index)]
-                    .clients
-                    .fetch_add(1, Ordering::Relaxed);
+                let inbox = &self.shared.inboxes[usize::from(self.index)];
+                inbox.clients.fetch_add(1, Ordering::Relaxed);
+                inbox.services.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -461,9 +463,9 @@ impl Hub {
             }
             Role::Service => {
                 self.services.swap_remove(&id);
-                self.shared.inboxes[usize::from(self.index)]
-                    .clients
-                    .fetch_sub(1, Ordering::Relaxed);
+                let inbox = &self.shared.inboxes[usize::from(self.index)];
+                inbox.clients.fetch_sub(1, Ordering::Relaxed);
+                inbox.services.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -480,6 +482,9 @@ impl Hub {
         services_only: bool,
         ts: u64,
     ) {
+        if !self.has_receivers(cluster_id, services_only) {
+            return;
+        }
         let frame = envelope::relay(event, machine_id, cluster_id, data, ts);
         self.fan_out(conns, Arc::from(cluster_id), frame, services_only);
     }
@@ -498,12 +503,28 @@ impl Hub {
             "metrics" => replace(&mut agent.metrics, data),
             "server:updated" => {
                 // The session checked that serverId is a string.
-                if let Ok(s) = sonic_rs::from_str::<ServerIdOnly<'_>>(data) {
+                if let Ok(s) = serde_json::from_str::<ServerIdOnly<'_>>(data) {
                     agent.record_server(&s.server_id, data);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Whether anyone, here or on another worker, would receive an event of `cluster`:
+    /// an event nobody receives is not encoded at all.
+    fn has_receivers(&self, cluster: &str, services_only: bool) -> bool {
+        let local =
+            !self.services.is_empty() || (!services_only && self.users.contains_key(cluster));
+        local
+            || self.shared.inboxes.iter().enumerate().any(|(w, inbox)| {
+                let count = if services_only {
+                    &inbox.services
+                } else {
+                    &inbox.clients
+                };
+                w != usize::from(self.index) && count.load(Ordering::Relaxed) > 0
+            })
     }
 
     /// A service's notification for a cluster.
@@ -515,7 +536,12 @@ impl Hub {
     fn fan_out(&mut self, conns: &mut Conns, cluster: Arc<str>, frame: Bytes, services_only: bool) {
         self.m().relay_events.add(1);
         for (w, inbox) in self.shared.inboxes.iter().enumerate() {
-            if w != usize::from(self.index) && inbox.clients.load(Ordering::Relaxed) > 0 {
+            let count = if services_only {
+                &inbox.services
+            } else {
+                &inbox.clients
+            };
+            if w != usize::from(self.index) && count.load(Ordering::Relaxed) > 0 {
                 self.shared.post(
                     w as u16,
                     Msg::Deliver {
