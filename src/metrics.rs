@@ -731,7 +731,12 @@ pub fn render(metrics: &Metrics, facts: ProcessFacts, format: Format) -> String 
 impl Observer for WorkerMetrics {
     #[inline]
     fn message(&self, event: &str) {
-        self.messages_in[event_index(event)].add(1);
+        let i = event_index(event);
+        self.messages_in[i].add(1);
+        if i == EVENT_UNKNOWN {
+            let shown: String = event.chars().take(64).collect();
+            tracing::debug!(event = %shown, "unknown event ignored");
+        }
     }
 
     fn ping(&self) {

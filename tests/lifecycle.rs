@@ -348,3 +348,28 @@ async fn socket_activation(io: &'static str) {
     assert_eq!(r.status, 101);
     drop(gw);
 }
+
+#[tokio::test]
+async fn a_new_process_on_the_same_port_takes_over_during_the_drain() {
+    let mut old = Gateway::start("uring", &["--drain-duration", "3s"]).await;
+    let mut user = old.user("usr_1", &["clu_a"]).await;
+    // The new version binds the same port (SO_REUSEPORT) before the old one is stopped.
+    let admin = free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arcgate"));
+    cmd.arg("serve")
+        .args(["--listen", &old.addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--jwt-secret", SECRET, "--io", "epoll", "--workers", "2"]);
+    let new = Gateway::spawn("epoll", cmd, old.addr, admin).await;
+    old.signal(libc::SIGTERM);
+    assert!(old.wait_log("draining", WAIT).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Every new connection reaches the new process while the old one drains.
+    for _ in 0..20 {
+        let r = http(old.addr, &upgrade_request("/ws/agent", &[])).await;
+        assert_eq!(r.map(|r| r.status), Some(101));
+    }
+    assert_eq!(user.expect_close_within(Duration::from_secs(5)).await, 1012);
+    assert_eq!(old.wait_exit(WAIT).await.and_then(|s| s.code()), Some(0));
+    drop(new);
+}
