@@ -175,14 +175,13 @@ pub fn auth_reason_index(message: &str) -> usize {
 }
 
 /// Outcomes of `arcgate_commands_total`.
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; 6] = [
     "answered",
     "timeout",
     "disconnected",
     "not_connected",
     "forbidden",
     "draining",
-    "abandoned",
 ];
 
 /// Upper bounds (seconds) of the command round-trip histogram.
