@@ -27,6 +27,8 @@ const BUF_GROUP: u16 = 0;
 const BUF_COUNT: u16 = 1024;
 const BUF_SIZE: usize = 2048;
 const MAX_IOVECS: usize = 64;
+/// Idle send descriptors kept for reuse; a burst needing more allocates and frees them.
+const SEND_POOL: usize = 256;
 
 fn tag(op: u8, id: ConnId) -> u64 {
     (u64::from(op) << 56) | (u64::from(id.gen & 0x00ff_ffff) << 32) | u64::from(id.slot)
@@ -318,7 +320,9 @@ impl UringLoop {
             OP_SEND => {
                 let Some(id) = find(conns) else { return };
                 if let Some(op) = self.sends.get_mut(slot as usize).and_then(Option::take) {
-                    self.send_pool.push(op);
+                    if self.send_pool.len() < SEND_POOL {
+                        self.send_pool.push(op);
+                    }
                 }
                 let s = conns.get_mut(id).expect("found above");
                 s.sending = false;
@@ -457,7 +461,8 @@ impl UringLoop {
                 Box::new(SendOp {
                     // SAFETY: an all-zero msghdr is valid.
                     hdr: unsafe { std::mem::zeroed() },
-                    iov: Vec::with_capacity(MAX_IOVECS),
+                    // Grows to what the connection's queue needs (usually one frame).
+                    iov: Vec::new(),
                 })
             });
             op.iov.clear();
