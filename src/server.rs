@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
+use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
 use crate::auth::{Revocations, Verifier};
@@ -242,10 +243,15 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     out
 }
 
-/// SIGTERM/SIGINT start the drain (a second one exits at once); SIGHUP reloads.
-fn spawn_signal_thread(control: Arc<Control>) -> anyhow::Result<()> {
+/// Catches the signals from now on; they are acted on once the signal thread runs.
+fn catch_signals() -> anyhow::Result<Signals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    Ok(Signals::new([SIGTERM, SIGINT, SIGHUP])?)
+}
+
+/// SIGTERM/SIGINT start the drain (a second one exits at once); SIGHUP reloads.
+fn spawn_signal_thread(control: Arc<Control>, mut signals: Signals) -> anyhow::Result<()> {
+    use signal_hook::consts::SIGHUP;
     std::thread::Builder::new()
         .name("arcgate-signals".into())
         .spawn(move || {
@@ -305,6 +311,8 @@ fn unix_now_secs() -> f64 {
 
 fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     let started = unix_now_secs();
+    // Caught before anything else, so that a reload or stop during the start is not fatal.
+    let signals = catch_signals()?;
     // A peer that vanished must not kill the process on write.
     // SAFETY: ignoring SIGPIPE is process-wide and always valid.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
@@ -359,7 +367,7 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         args,
         config: Mutex::new(config.clone()),
     });
-    spawn_signal_thread(control)?;
+    spawn_signal_thread(control, signals)?;
 
     let mut threads = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
@@ -376,11 +384,22 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
                 pin_to_core(index);
                 let mut worker = Worker::new(env, hub);
                 let mut conns = Conns::new(max_outbound);
+                let metrics = &shared.metrics;
+                // The loop is set up: the start need not wait for its first turn.
+                let running = || {
+                    let now = metrics.since_epoch_ms(Instant::now());
+                    metrics.worker(index as u16).last_turn_ms.set(now);
+                };
                 let result = match backend {
                     Backend::Uring => uring::UringLoop::new(listener, notifier, per_worker as u32)
-                        .and_then(|mut l| l.run(&mut conns, &mut worker)),
-                    Backend::Epoll => EpollLoop::new(listener, notifier)
-                        .and_then(|mut l| l.run(&mut conns, &mut worker)),
+                        .and_then(|mut l| {
+                            running();
+                            l.run(&mut conns, &mut worker)
+                        }),
+                    Backend::Epoll => EpollLoop::new(listener, notifier).and_then(|mut l| {
+                        running();
+                        l.run(&mut conns, &mut worker)
+                    }),
                 };
                 shared
                     .metrics
@@ -392,9 +411,11 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         threads.push(thread);
     }
     let deadline = Instant::now() + START_WAIT;
+    // Every loop set up (its ring or epoll registered), or failed.
     while !shared.metrics.all_started() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
+    env.lifecycle.started.store(true, Ordering::SeqCst);
     tracing::info!(
         listen = %local,
         admin = %admin_addr,

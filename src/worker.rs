@@ -65,6 +65,8 @@ impl Admission {
 /// Process-wide lifecycle flags.
 #[derive(Default)]
 pub struct Lifecycle {
+    /// Set once every worker loop runs: `/readyz` answers 200 from then on.
+    pub started: AtomicBool,
     /// Set on SIGTERM/SIGINT: stop accepting, close connections in slices.
     pub draining: AtomicBool,
 }

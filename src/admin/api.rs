@@ -44,6 +44,9 @@ pub fn route(admin: &Admin, req: &Request) -> Response {
         ("GET", "/readyz") if admin.draining() => {
             Response::error(503, "draining: the gateway is shutting down")
         }
+        ("GET", "/readyz") if !admin.started() => {
+            Response::error(503, "starting: the workers are not running yet")
+        }
         ("GET", "/readyz") => Response::text(200, "ready\n"),
         ("GET", "/metrics") => scrape(admin, req.header("accept")),
         (_, "/healthz" | "/readyz" | "/metrics") => not_allowed("GET"),

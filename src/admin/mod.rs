@@ -57,6 +57,10 @@ impl Admin {
         }
     }
 
+    fn started(&self) -> bool {
+        self.env.lifecycle.started.load(Ordering::Relaxed)
+    }
+
     fn draining(&self) -> bool {
         self.env.lifecycle.draining.load(Ordering::Relaxed)
     }

@@ -111,7 +111,7 @@ fn capture(stream: impl Read + Send + 'static, log: Arc<Mutex<String>>) -> JoinH
 
 impl Gateway {
     /// Starts a gateway with the `io` backend, two workers, debug logs and the test secret,
-    /// plus `extra` flags; returns once `/healthz` answers. Unless `extra` sets `--rate-limit`,
+    /// plus `extra` flags; returns once `/readyz` answers 200. Unless `extra` sets `--rate-limit`,
     /// the message rate is practically unlimited, so that only the rate-limit tests meet it.
     pub async fn start(io: &'static str, extra: &[&str]) -> Gateway {
         let mut extra = extra.to_vec();
@@ -169,7 +169,7 @@ impl Gateway {
     }
 
     /// Runs `cmd` (an `arcgate serve` whose WebSocket and admin listeners are `addr` and
-    /// `admin`, however it gets them) and returns once `/healthz` answers.
+    /// `admin`, however it gets them) and returns once `/readyz` answers 200.
     pub async fn spawn(
         io: &'static str,
         mut cmd: Command,
@@ -307,7 +307,7 @@ impl Gateway {
         }
     }
 
-    /// Polls `/healthz` for up to 20 s; false when the process exited or never answered.
+    /// Polls `/readyz` for up to 20 s; false when the process exited or never answered.
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -317,7 +317,7 @@ impl Gateway {
             if let Ok(Ok(mut s)) =
                 tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.admin)).await
             {
-                let req = b"GET /healthz HTTP/1.1\r\nHost: arcgate\r\nConnection: close\r\n\r\n";
+                let req = b"GET /readyz HTTP/1.1\r\nHost: arcgate\r\nConnection: close\r\n\r\n";
                 if s.write_all(req).await.is_ok() {
                     if let Some(resp) = read_response(&mut s, Duration::from_secs(2)).await {
                         if resp.status == 200 {
