@@ -748,14 +748,17 @@ impl Observer for WorkerMetrics {
 
     fn auth_failed(&self, message: &str) {
         self.auth_failures[auth_reason_index(message)].add(1);
+        tracing::debug!(reason = message, "AUTH_FAILED");
     }
 
     fn auth_timeout(&self) {
         self.auth_failures[AUTH_TIMEOUT].add(1);
+        tracing::debug!("AUTH_TIMEOUT");
     }
 
     fn closed(&self, code: u16) {
         self.closes[close_index(code)].add(1);
+        tracing::debug!(code, "websocket closing");
     }
 
     fn rejected(&self, status: u16) {

@@ -177,7 +177,10 @@ impl Control {
             tracing::warn!("SIGHUP ignored: this gateway was not started from a command line");
             return;
         };
-        systemd::notify("RELOADING=1");
+        systemd::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            systemd::monotonic_usec()
+        ));
         match self.try_reload(args) {
             Ok(()) => tracing::info!("configuration reloaded"),
             Err(problems) => {

@@ -49,6 +49,17 @@ pub fn notify(state: &str) -> bool {
     }
 }
 
+/// `CLOCK_MONOTONIC` in microseconds, as `MONOTONIC_USEC=` wants it.
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
 /// The watchdog interval systemd expects pings within (`WATCHDOG_USEC`), if it is meant
 /// for this process (`WATCHDOG_PID` absent or ours).
 pub fn watchdog_interval() -> Option<Duration> {

@@ -59,6 +59,14 @@ async fn health_readiness_and_plain_http_errors() {
         .await
         .unwrap()
         .assert_error(413, "PAYLOAD_TOO_LARGE");
+    let long = format!(
+        "GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    http(gw.admin, &long)
+        .await
+        .unwrap()
+        .assert_error(431, "HEADERS_TOO_LARGE");
     let chunked = "POST /v1/revocations HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
     http(gw.admin, chunked)
         .await

@@ -192,6 +192,15 @@ async fn notify_socket_gets_ready_watchdog_and_stopping() {
         "{:?}",
         start.elapsed()
     );
+    // A reload is announced and closed with READY=1.
+    gw.signal(libc::SIGHUP);
+    let seen = notifications_until(&sock, "READY=1", WAIT);
+    let reloading = seen
+        .iter()
+        .find(|m| m.starts_with("RELOADING=1"))
+        .unwrap_or_else(|| panic!("no RELOADING=1: {seen:?}"));
+    assert!(reloading.contains("\nMONOTONIC_USEC="), "{reloading}");
+    assert!(seen.last().is_some_and(|m| m == "READY=1"), "{seen:?}");
     gw.signal(libc::SIGTERM);
     let seen = notifications_until(&sock, "STOPPING=1", WAIT);
     assert!(
