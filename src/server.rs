@@ -112,6 +112,19 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
 fn shared_listener(socket: TcpListener, workers: usize) -> anyhow::Result<Vec<TcpListener>> {
     // The epoll loop accepts until EAGAIN; io_uring does not mind either way.
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it, as with the sockets arcgate binds (NoDelay= in the
+    // socket unit does the same).
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads a live c_int of the given size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     let mut all = Vec::with_capacity(workers);
     for _ in 1..workers {
         all.push(socket.try_clone()?);

@@ -562,3 +562,27 @@ async fn admin_connections_are_bounded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn expect_100_continue_gets_its_interim_answer() {
+    use tokio::io::AsyncReadExt;
+    let gw = Gateway::start("epoll", &[]).await;
+    let mut s = tcp_connect(gw.admin).await;
+    let body = r#"{"sub":"usr_9"}"#;
+    let head = format!(
+        "POST /v1/revocations HTTP/1.1\r\nAuthorization: Bearer {}\r\nExpect: 100-continue\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        service(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(WAIT, s.read_exact(&mut interim))
+        .await
+        .expect("100 Continue in time")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(body.as_bytes()).await.unwrap();
+    let r = read_response(&mut s, WAIT).await.unwrap();
+    assert_eq!(r.status, 204);
+}

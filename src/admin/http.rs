@@ -159,6 +159,8 @@ pub enum Incoming {
 /// Reads requests from one connection, keeping bytes that arrived after a request.
 pub struct Reader {
     buf: Vec<u8>,
+    /// `100 Continue` was sent for the request being read.
+    continued: bool,
 }
 
 impl Default for Reader {
@@ -171,6 +173,7 @@ impl Reader {
     pub fn new() -> Reader {
         Reader {
             buf: Vec::with_capacity(1024),
+            continued: false,
         }
     }
 
@@ -183,8 +186,19 @@ impl Reader {
                 deadline = Some(Instant::now() + REQUEST_DEADLINE);
             }
             match self.parse() {
-                Parsed::Done(r) => return Ok(r),
+                Parsed::Done(r) => {
+                    self.continued = false;
+                    return Ok(r);
+                }
                 Parsed::NeedMore => {}
+                Parsed::NeedBody { expects_continue } => {
+                    // A client that sent `Expect: 100-continue` waits for this before the body.
+                    if expects_continue && !self.continued {
+                        self.continued = true;
+                        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+                        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+                    }
+                }
             }
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
@@ -267,7 +281,9 @@ impl Reader {
             Some(Err(_)) => return invalid(400, "invalid Content-Length"),
         };
         if self.buf.len() < head_len + body_len {
-            return Parsed::NeedMore;
+            let expects_continue =
+                find("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+            return Parsed::NeedBody { expects_continue };
         }
         let connection = find("connection").map(str::to_ascii_lowercase);
         let keep_alive = match version {
@@ -288,7 +304,12 @@ impl Reader {
 
 enum Parsed {
     Done(Incoming),
+    /// The head is not complete.
     NeedMore,
+    /// The head is complete, the body is not.
+    NeedBody {
+        expects_continue: bool,
+    },
 }
 
 fn invalid(status: u16, message: &str) -> Parsed {
@@ -314,12 +335,16 @@ pub fn write(
 mod tests {
     use super::*;
 
-    fn parse(bytes: &[u8]) -> Option<Incoming> {
+    fn parse_raw(bytes: &[u8]) -> Parsed {
         let mut r = Reader::new();
         r.buf.extend_from_slice(bytes);
-        match r.parse() {
+        r.parse()
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Incoming> {
+        match parse_raw(bytes) {
             Parsed::Done(x) => Some(x),
-            Parsed::NeedMore => None,
+            Parsed::NeedMore | Parsed::NeedBody { .. } => None,
         }
     }
 
@@ -350,6 +375,14 @@ mod tests {
         assert!(!r.keep_alive);
         assert!(parse(b"POST /v1/x HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}").is_none());
         assert!(parse(b"GET / HTTP/1.1\r\nHost").is_none());
+        let waiting =
+            parse_raw(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+        assert!(matches!(
+            waiting,
+            Parsed::NeedBody {
+                expects_continue: true
+            }
+        ));
     }
 
     #[test]
