@@ -2400,4 +2400,113 @@ mod tests {
             assert_eq!(h.session.poll_timeout(), before);
         }
     }
+
+    /// Records what the session reports to its observer.
+    #[derive(Default)]
+    struct Recorder(std::cell::RefCell<Vec<String>>);
+
+    impl Observer for Recorder {
+        fn message(&self, event: &str) {
+            self.0.borrow_mut().push(format!("message {event}"));
+        }
+        fn ping(&self) {
+            self.0.borrow_mut().push("ping".into());
+        }
+        fn rate_limited(&self) {
+            self.0.borrow_mut().push("rate_limited".into());
+        }
+        fn auth_failed(&self, message: &str) {
+            self.0.borrow_mut().push(format!("auth_failed {message}"));
+        }
+        fn auth_timeout(&self) {
+            self.0.borrow_mut().push("auth_timeout".into());
+        }
+        fn closed(&self, code: u16) {
+            self.0.borrow_mut().push(format!("closed {code}"));
+        }
+        fn rejected(&self, status: u16) {
+            self.0.borrow_mut().push(format!("rejected {status}"));
+        }
+    }
+
+    /// Feeds `steps` (bytes at an offset, or a timeout check when empty) to a fresh
+    /// session and returns what it reported.
+    fn observed(limits: Limits, steps: &[(Duration, Vec<u8>)]) -> Vec<String> {
+        let h = Harness::with(limits, None);
+        let mut session = h.session;
+        let rec = Recorder::default();
+        for (at, bytes) in steps {
+            let ctx = Ctx {
+                limits: &h.env.limits,
+                verifier: &h.env.verifier,
+                observer: &rec,
+                now: h.env.t0 + *at,
+                unix_ms: UNIX0 + at.as_millis() as u64,
+            };
+            let mut buf = bytes.clone();
+            if buf.is_empty() {
+                session.handle_timeout(&ctx, &mut |_| {});
+            } else {
+                session.handle_bytes(&ctx, &mut buf, &mut |_| {});
+            }
+        }
+        rec.0.into_inner()
+    }
+
+    #[test]
+    fn the_observer_hears_messages_failures_and_closes() {
+        let zero = Duration::ZERO;
+        let hb = json!({"event": "heartbeat", "data": {}});
+        let seen = observed(limits(), &[(zero, request(AGENT_PATH)), (zero, text(&hb))]);
+        assert_eq!(
+            seen,
+            [
+                "message heartbeat",
+                "auth_failed expected auth as the first message",
+                "closed 4001"
+            ]
+        );
+        let seen = observed(limits(), &[(zero, request("/nope"))]);
+        assert_eq!(seen, ["rejected 404"]);
+        let seen = observed(limits(), &[(zero, request(AGENT_PATH)), (secs(11), vec![])]);
+        assert_eq!(seen, ["auth_timeout", "closed 4002"]);
+        let auth = agent_auth(&token(&agent_spec("mch_1", "clu_a")), "mch_1");
+        let ping = client_frame(true, codec::OP_PING, b"x");
+        let close = client_frame(true, codec::OP_CLOSE, &1000u16.to_be_bytes());
+        let seen = observed(
+            limits(),
+            &[
+                (zero, request(AGENT_PATH)),
+                (zero, text(&auth)),
+                (zero, text(&json!({"event": "made:up"}))),
+                (zero, client_frame(true, codec::OP_BINARY, b"b")),
+                (zero, ping),
+                (zero, close),
+            ],
+        );
+        assert_eq!(
+            seen,
+            [
+                "message auth",
+                "message made:up",
+                "message ",
+                "ping",
+                "closed 1000"
+            ]
+        );
+        let limited = Limits {
+            rate_limit: 1,
+            rate_burst: 1,
+            ..limits()
+        };
+        let seen = observed(
+            limited,
+            &[
+                (zero, request(AGENT_PATH)),
+                (zero, text(&auth)),
+                (zero, text(&hb)),
+            ],
+        );
+        assert_eq!(seen, ["message auth", "rate_limited"]);
+    }
 }
