@@ -1,7 +1,10 @@
 //! JWT verification (jsonwebtoken, keys built once) into an `Identity`, and token minting.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -113,12 +116,68 @@ impl AuthError {
 const ACCEPTED_KEYS: &str =
     "accepted: a PEM public key (BEGIN PUBLIC KEY) of type RSA (RS256), EC P-256 (ES256) or Ed25519 (EdDSA)";
 
+/// Subjects whose tokens issued before a given time are refused (`POST /v1/revocations`).
+/// Read at authentication only; kept in memory for the life of the process.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    before: DashMap<Box<str>, u64>,
+    len: AtomicUsize,
+}
+
+/// The revocation list holds `Revocations::MAX` subjects already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the revocation list is full ({} subjects)", Revocations::MAX)]
+pub struct RevocationsFull;
+
+impl Revocations {
+    /// Most subjects listed at once.
+    pub const MAX: usize = 1_000_000;
+
+    /// Refuses tokens of `sub` issued before `before` (Unix seconds) from now on; a later
+    /// time replaces an earlier one, never the other way round.
+    pub fn revoke(&self, sub: &str, before: u64) -> Result<(), RevocationsFull> {
+        if let Some(mut t) = self.before.get_mut(sub) {
+            *t = (*t).max(before);
+            return Ok(());
+        }
+        if self.len.load(Ordering::Relaxed) >= Self::MAX {
+            return Err(RevocationsFull);
+        }
+        if self.before.insert(sub.into(), before).is_none() {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Whether `who`'s token is revoked: its subject is listed and the token was issued
+    /// (`iat`) before the listed time, or says nothing about when it was issued.
+    pub fn is_revoked(&self, who: &Identity) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        match self.before.get(&who.sub) {
+            Some(before) => who.iat.is_none_or(|iat| iat < *before),
+            None => false,
+        }
+    }
+
+    /// Subjects listed.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Verifies tokens with keys and validation rules built once.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
     algorithm: Algorithm,
     leeway: u64,
+    revocations: Option<Arc<Revocations>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -155,7 +214,14 @@ impl Verifier {
             validation: validation(algorithm, issuer, audience),
             algorithm,
             leeway: leeway.as_secs(),
+            revocations: None,
         })
+    }
+
+    /// Also refuses tokens on `revocations` ("token revoked").
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Verifier {
+        self.revocations = Some(revocations);
+        self
     }
 
     /// The one algorithm tokens must be signed with: "HS256", "RS256", "ES256" or "EdDSA".
@@ -194,6 +260,9 @@ impl Verifier {
                 id.perms = optional_list(claims.perms, "perms")?;
             }
             Role::Service => {}
+        }
+        if self.revocations.as_ref().is_some_and(|r| r.is_revoked(&id)) {
+            return Err(AuthError::new("token revoked"));
         }
         Ok(id)
     }
@@ -899,5 +968,29 @@ mod tests {
         assert!(!a.same_identity(&other_sub));
         let agent = identity(Role::Agent, Some("clu_a"), &[], None);
         assert!(!agent.same_identity(&identity(Role::Agent, Some("clu_b"), &[], None)));
+    }
+
+    #[test]
+    fn revoked_subjects_are_refused_by_issue_time() {
+        let revocations = Arc::new(Revocations::default());
+        let v = hs_verifier(None, None).with_revocations(revocations.clone());
+        let old = hs(agent_claims());
+        assert!(v.verify(&old, NOW).is_ok());
+        revocations.revoke("mch_1", NOW + 1).unwrap();
+        assert_eq!(revocations.len(), 1);
+        assert_eq!(v.verify(&old, NOW).unwrap_err().0, "token revoked");
+        // Issued at the revocation time or later: accepted.
+        let fresh = hs(with(agent_claims(), "iat", json!(NOW + 1)));
+        assert!(v.verify(&fresh, NOW + 1).is_ok());
+        // No iat: nothing proves it is newer.
+        let undated = hs(without(agent_claims(), "iat"));
+        assert_eq!(v.verify(&undated, NOW).unwrap_err().0, "token revoked");
+        // An earlier time never shortens a revocation.
+        revocations.revoke("mch_1", NOW - 100).unwrap();
+        assert_eq!(v.verify(&old, NOW).unwrap_err().0, "token revoked");
+        assert_eq!(revocations.len(), 1);
+        // Other subjects are unaffected.
+        let other = hs(with(agent_claims(), "sub", json!("mch_2")));
+        assert!(v.verify(&other, NOW).is_ok());
     }
 }

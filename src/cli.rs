@@ -1,13 +1,12 @@
 //! The subcommands of `arcgate`: argument shapes, `token`, `check-config`, and the `--dev` start.
 
 use std::fmt::Write as _;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arcgate::auth::{mint_hs256, KeySource, TokenSpec};
-use arcgate::config::{Config, LogFormat, ServeArgs};
+use arcgate::config::{Config, ServeArgs};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// A thread-per-core WebSocket gateway for game-server hosting panels.
@@ -126,8 +125,12 @@ impl TokenArgs {
     }
 }
 
+/// Starts the gateway with its configuration and the arguments it came from (a reload
+/// reads the same file, environment and flags again).
+pub type RunServer = fn(Config, ServeArgs) -> anyhow::Result<()>;
+
 /// Runs the parsed command line; `run_server` starts the gateway.
-pub fn run(cli: Cli, run_server: fn(Config) -> anyhow::Result<()>) -> ExitCode {
+pub fn run(cli: Cli, run_server: RunServer) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args, run_server),
         Command::Token(args) => token(&args),
@@ -176,15 +179,15 @@ fn check_config(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs, run_server: fn(Config) -> anyhow::Result<()>) -> ExitCode {
-    let mut config = match Config::load(args) {
+fn serve(args: ServeArgs, run_server: RunServer) -> ExitCode {
+    let mut config = match Config::load(args.clone()) {
         Ok(config) => config,
         Err(e) => {
             print_errors(&e);
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = init_tracing(config.log_format, &config.log_level) {
+    if let Err(e) = arcgate::logging::init(config.log_format, &config.log_level) {
         eprintln!("error: cannot set up logging: {e}");
         return ExitCode::from(2);
     }
@@ -203,27 +206,13 @@ fn serve(args: ServeArgs, run_server: fn(Config) -> anyhow::Result<()>) -> ExitC
             }
         }
     }
-    match run_server(config) {
+    match run_server(config, args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Log lines go to stderr, so stdout carries only what the commands print.
-fn init_tracing(format: LogFormat, level: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|e| anyhow::anyhow!(e))
 }
 
 /// 32 random bytes, hex-encoded.

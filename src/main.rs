@@ -4,7 +4,7 @@ mod cli;
 
 use std::process::ExitCode;
 
-use arcgate::config::Config;
+use arcgate::config::{Config, ServeArgs};
 use clap::Parser;
 
 #[cfg(feature = "mimalloc")]
@@ -15,6 +15,6 @@ fn main() -> ExitCode {
     cli::run(cli::Cli::parse(), run_server)
 }
 
-fn run_server(config: Config) -> anyhow::Result<()> {
-    arcgate::server::run(config)
+fn run_server(config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    arcgate::server::run_reloadable(config, args)
 }

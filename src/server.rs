@@ -1,22 +1,30 @@
-//! `arcgate serve`: binds the listeners, starts one pinned worker per core on the chosen
-//! io backend, the admin listener and the signal handling, and waits for the drain.
+//! `arcgate serve`: binds the listeners (or takes them from systemd), starts one pinned
+//! worker per core on the chosen io backend, the admin listener, the signal handling
+//! (drain on SIGTERM/SIGINT, reload on SIGHUP) and the systemd notifications, and waits
+//! for the drain.
 
 use std::net::TcpListener;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
+use signal_hook::iterator::Signals;
 
-use crate::auth::Verifier;
-use crate::config::{Config, IoMode};
-use crate::hub::{Hub, Shared};
+use crate::admin::Admin;
+use crate::auth::{Revocations, Verifier};
+use crate::config::{Config, IoMode, ServeArgs};
+use crate::hub::{Hub, Msg, Shared};
 use crate::io::{epoll::EpollLoop, listener, uring, Backend, Conns, Notifier};
 use crate::protocol::handshake::Policy;
 use crate::protocol::session::{Limits, AGENT_PATH, CLIENT_PATH};
-use crate::worker::{Admission, Env, Lifecycle, Worker};
+use crate::systemd;
+use crate::worker::{Admission, Env, Lifecycle, Settings, Worker};
 
 /// Descriptors kept free for the process itself (listeners, rings, logs, admin).
 const FD_RESERVE: usize = 128;
+/// How long the start waits for every worker's first loop turn before `READY=1`.
+const START_WAIT: Duration = Duration::from_secs(5);
 
 /// The session limits a configuration implies.
 pub fn limits(config: &Config) -> Limits {
@@ -98,42 +106,238 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
     Ok(all)
 }
 
-/// Watches SIGTERM/SIGINT: the first starts the drain, a second exits at once.
-fn spawn_signal_thread(env: Arc<Env>, shared: Arc<Shared>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new().name("arcgate-signals".into()).spawn(move || {
-        for signal in signals.forever() {
-            if env.lifecycle.draining.swap(true, Ordering::SeqCst) {
-                tracing::warn!(signal, "second signal: exiting now");
-                std::process::exit(1);
-            }
-            tracing::info!(signal, drain = ?env.drain_duration, "draining: closing connections with 1012");
-            for inbox in &shared.inboxes {
-                inbox.notifier.notify();
-            }
-        }
-    })?;
-    Ok(())
+/// The socket systemd passed, shared by every worker (each accepts from its own copy).
+fn shared_listener(socket: TcpListener, workers: usize) -> anyhow::Result<Vec<TcpListener>> {
+    // The epoll loop accepts until EAGAIN; io_uring does not mind either way.
+    socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it, as with the sockets arcgate binds (NoDelay= in the
+    // socket unit does the same).
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads a live c_int of the given size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let mut all = Vec::with_capacity(workers);
+    for _ in 1..workers {
+        all.push(socket.try_clone()?);
+    }
+    all.insert(0, socket);
+    Ok(all)
 }
 
-/// Runs the gateway until it has drained after SIGTERM/SIGINT.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    // A peer that vanished must not kill the process on write.
-    // SAFETY: ignoring SIGPIPE is process-wide and always valid.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let nofile = raise_nofile_limit();
+/// The settings a configuration implies; the verifier also refuses revoked tokens.
+pub fn settings(config: &Config, revocations: &Arc<Revocations>) -> anyhow::Result<Settings> {
     let key = config
         .key
-        .clone()
+        .as_ref()
         .ok_or_else(|| anyhow!("no JWT key configured"))?;
     let verifier = Verifier::new(
-        &key,
+        key,
         config.jwt_issuer.as_deref(),
         config.jwt_audience.as_deref(),
         config.jwt_leeway,
     )
-    .map_err(|e| anyhow!("invalid JWT key: {e}"))?;
+    .map_err(|e| anyhow!("invalid JWT key: {e}"))?
+    .with_revocations(revocations.clone());
+    Ok(Settings {
+        limits: limits(config),
+        verifier,
+        command_timeout: config.command_timeout,
+        drain_duration: config.drain_duration,
+    })
+}
+
+/// What the signal and watchdog threads work with.
+struct Control {
+    env: Arc<Env>,
+    shared: Arc<Shared>,
+    /// The arguments `serve` started with: a reload reads the file they name again.
+    args: Option<ServeArgs>,
+    /// The configuration in force.
+    config: Mutex<Config>,
+}
+
+impl Control {
+    fn wake_all(&self) {
+        for inbox in &self.shared.inboxes {
+            inbox.notifier.notify();
+        }
+    }
+
+    fn drain(&self, signal: i32) {
+        if self.env.lifecycle.draining.swap(true, Ordering::SeqCst) {
+            tracing::warn!(signal, "second signal: exiting now");
+            std::process::exit(1);
+        }
+        let drain = self.env.settings().drain_duration;
+        tracing::info!(signal, drain = ?drain, "draining: closing connections with 1012");
+        systemd::notify("STOPPING=1\nSTATUS=draining");
+        self.wake_all();
+    }
+
+    /// SIGHUP: reads the configuration again and applies the keys, limits and log level;
+    /// a configuration that does not validate is refused and the running one stays.
+    fn reload(&self) {
+        let Some(args) = &self.args else {
+            tracing::warn!("SIGHUP ignored: this gateway was not started from a command line");
+            return;
+        };
+        systemd::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            systemd::monotonic_usec()
+        ));
+        match self.try_reload(args) {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(problems) => {
+                for problem in problems {
+                    tracing::error!(%problem, "configuration reload refused; the running configuration stays");
+                }
+            }
+        }
+        systemd::notify("READY=1");
+    }
+
+    fn try_reload(&self, args: &ServeArgs) -> Result<(), Vec<String>> {
+        let mut config = Config::load(args.clone()).map_err(|e| e.0)?;
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        if config.key.is_none() && config.dev {
+            // The generated --dev secret lives as long as the process.
+            config.key = current.key.clone();
+        }
+        let settings =
+            settings(&config, &self.env.revocations).map_err(|e| vec![format!("{e:#}")])?;
+        crate::logging::set_level(&config.log_level).map_err(|e| vec![e])?;
+        for key in restart_only_changes(&current, &config) {
+            tracing::warn!(
+                key,
+                "changed in the configuration; takes effect at the next restart"
+            );
+        }
+        let settings = Arc::new(settings);
+        *self.env.settings.write().unwrap_or_else(|e| e.into_inner()) = settings.clone();
+        for w in 0..self.shared.inboxes.len() {
+            self.shared.post(w as u16, Msg::Reload(settings.clone()));
+        }
+        *current = config;
+        Ok(())
+    }
+}
+
+/// The keys that differ between `old` and `new` and are read only at start.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |key, changed: bool| {
+        if changed {
+            out.push(key);
+        }
+    };
+    check("listen", old.listen != new.listen);
+    check("admin_listen", old.admin_listen != new.admin_listen);
+    check("workers", old.workers != new.workers);
+    check("io", old.io != new.io);
+    check(
+        "max_connections",
+        old.max_connections != new.max_connections,
+    );
+    check(
+        "max_connection_rate",
+        old.max_connection_rate != new.max_connection_rate,
+    );
+    check(
+        "max_outbound_bytes",
+        old.max_outbound_bytes != new.max_outbound_bytes,
+    );
+    check(
+        "max_pending_handshakes",
+        old.max_pending_handshakes != new.max_pending_handshakes,
+    );
+    check("log_format", old.log_format != new.log_format);
+    out
+}
+
+/// Catches the signals from now on; they are acted on once the signal thread runs.
+fn catch_signals() -> anyhow::Result<Signals> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    Ok(Signals::new([SIGTERM, SIGINT, SIGHUP])?)
+}
+
+/// SIGTERM/SIGINT start the drain (a second one exits at once); SIGHUP reloads.
+fn spawn_signal_thread(control: Arc<Control>, mut signals: Signals) -> anyhow::Result<()> {
+    use signal_hook::consts::SIGHUP;
+    std::thread::Builder::new()
+        .name("arcgate-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                match signal {
+                    SIGHUP => control.reload(),
+                    _ => control.drain(signal),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Pings systemd's watchdog at half its interval, but only while every worker's loop
+/// keeps turning: a stuck worker stops the pings and systemd restarts the service.
+fn spawn_watchdog(shared: Arc<Shared>, interval: Duration) -> anyhow::Result<()> {
+    let period = interval / 2;
+    // An idle loop turns at least every 500 ms.
+    let stale = period.max(Duration::from_secs(1));
+    std::thread::Builder::new()
+        .name("arcgate-watchdog".into())
+        .spawn(move || {
+            let mut warned = false;
+            loop {
+                std::thread::sleep(period);
+                if shared.metrics.workers_alive(Instant::now(), stale) {
+                    systemd::notify("WATCHDOG=1");
+                    warned = false;
+                } else if !warned {
+                    tracing::error!(
+                        ?stale,
+                        "a worker loop stopped turning; withholding the watchdog ping"
+                    );
+                    warned = true;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Runs the gateway until it has drained after SIGTERM/SIGINT; SIGHUP logs that there is
+/// nothing to reload from.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    start(config, None)
+}
+
+/// Like `run`, and SIGHUP reloads the configuration from `args` (file, environment, flags).
+pub fn run_reloadable(config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    start(config, Some(args))
+}
+
+fn unix_now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
+    let started = unix_now_secs();
+    // Caught before anything else, so that a reload or stop during the start is not fatal.
+    let signals = catch_signals()?;
+    // A peer that vanished must not kill the process on write.
+    // SAFETY: ignoring SIGPIPE is process-wide and always valid.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let activated = systemd::take_listeners().context("socket activation")?;
+    let nofile = raise_nofile_limit();
+    let revocations = Arc::new(Revocations::default());
+    let settings = settings(&config, &revocations)?;
     let backend = choose_backend(config.io)?;
     let workers = config.workers.max(1);
     let per_worker = nofile.saturating_sub(FD_RESERVE).max(1);
@@ -143,17 +347,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Backend::Epoll => per_worker,
     });
 
-    let listeners = bind_listeners(&config)?;
+    let socket_activated = activated.websocket.is_some();
+    let listeners = match activated.websocket {
+        Some(socket) => shared_listener(socket, workers)?,
+        None => bind_listeners(&config)?,
+    };
     let local = listeners[0].local_addr()?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .with_context(|| format!("cannot listen on {} for the admin API", config.admin_listen))?;
+    let admin_listener = match activated.admin {
+        Some(socket) => socket,
+        None => TcpListener::bind(config.admin_listen).with_context(|| {
+            format!("cannot listen on {} for the admin API", config.admin_listen)
+        })?,
+    };
+    let admin_addr = admin_listener.local_addr()?;
 
     let env = Arc::new(Env {
-        limits: limits(&config),
-        verifier,
+        settings: std::sync::RwLock::new(Arc::new(settings)),
         admission: Admission::new(max_connections, config.max_connection_rate),
         lifecycle: Lifecycle::default(),
-        drain_duration: config.drain_duration,
+        revocations,
         max_pending_handshakes: config.max_pending_handshakes,
     });
     let notifiers = (0..workers)
@@ -161,15 +373,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let shared = Arc::new(Shared::new(notifiers.clone()));
 
-    crate::admin::spawn(admin, env.clone())?;
-    spawn_signal_thread(env.clone(), shared.clone())?;
+    let admin = Arc::new(Admin::new(
+        env.clone(),
+        shared.clone(),
+        backend.as_str(),
+        started,
+    ));
+    crate::admin::spawn(admin_listener, admin.clone())?;
+    let control = Arc::new(Control {
+        env: env.clone(),
+        shared: shared.clone(),
+        args,
+        config: Mutex::new(config.clone()),
+    });
+    spawn_signal_thread(control, signals)?;
 
     let mut threads = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         let env = env.clone();
-        let hub = Hub::new(index as u16, shared.clone(), config.command_timeout);
+        let command_timeout = env.settings().command_timeout;
+        let hub = Hub::new(index as u16, shared.clone(), command_timeout);
         let notifier = notifiers[index].clone();
         let max_outbound = config.max_outbound_bytes;
+        let shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("arcgate-w{index}"))
             .stack_size(8 << 20)
@@ -177,31 +403,62 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 pin_to_core(index);
                 let mut worker = Worker::new(env, hub);
                 let mut conns = Conns::new(max_outbound);
-                match backend {
-                    Backend::Uring => uring::UringLoop::new(listener, notifier, per_worker as u32)?
-                        .run(&mut conns, &mut worker)?,
-                    Backend::Epoll => {
-                        EpollLoop::new(listener, notifier)?.run(&mut conns, &mut worker)?
-                    }
-                }
-                Ok(())
+                let metrics = &shared.metrics;
+                // The loop is set up: the start need not wait for its first turn.
+                let running = || {
+                    let now = metrics.since_epoch_ms(Instant::now());
+                    metrics.worker(index as u16).last_turn_ms.set(now);
+                };
+                let result = match backend {
+                    Backend::Uring => uring::UringLoop::new(listener, notifier, per_worker as u32)
+                        .and_then(|mut l| {
+                            running();
+                            l.run(&mut conns, &mut worker)
+                        }),
+                    Backend::Epoll => EpollLoop::new(listener, notifier).and_then(|mut l| {
+                        running();
+                        l.run(&mut conns, &mut worker)
+                    }),
+                };
+                shared
+                    .metrics
+                    .worker(index as u16)
+                    .last_turn_ms
+                    .set(u64::MAX);
+                Ok(result?)
             })?;
         threads.push(thread);
     }
+    let deadline = Instant::now() + START_WAIT;
+    // Every loop set up (its ring or epoll registered), or failed.
+    while !shared.metrics.all_started() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    env.lifecycle.started.store(true, Ordering::SeqCst);
     tracing::info!(
         listen = %local,
-        admin = %config.admin_listen,
+        admin = %admin_addr,
+        socket_activated,
         backend = backend.as_str(),
         workers,
         max_connections,
         "arcgate is listening"
     );
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=listening on {local} ({workers} workers, {})",
+        backend.as_str()
+    ));
+    if let Some(interval) = systemd::watchdog_interval() {
+        spawn_watchdog(shared.clone(), interval)?;
+    }
     for t in threads {
         match t.join() {
             Ok(r) => r?,
             Err(_) => return Err(anyhow!("a worker thread panicked")),
         }
     }
+    // Let admin answers already decided (503 to pending commands) reach their clients.
+    admin.wait_idle(Duration::from_secs(1));
     tracing::info!("drained; exiting");
     Ok(())
 }

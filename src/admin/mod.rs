@@ -1,73 +1,144 @@
-//! The admin listener (HTTP/1.1, parsed with httparse): health and readiness for now.
+//! The admin listener (PROTOCOL.md section 9): health, readiness, metrics and the
+//! backend API. A thread per connection, at most `MAX_CONNECTIONS` at once, so that a
+//! command waiting for its agent never holds up `/healthz` or `/metrics`.
 
-use std::io::{Read, Write};
+mod api;
+pub mod http;
+
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::handshake::error_response;
+use crate::hub::Shared;
 use crate::worker::Env;
+use http::{Incoming, Reader, Response};
 
-const MAX_HEAD: usize = 16 * 1024;
+/// Admin connections served at once; more get `503` straight away.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a kept-alive connection may wait for its next request.
+const IDLE: Duration = Duration::from_secs(15);
+/// Requests served on one connection before it is closed.
+const MAX_REQUESTS: usize = 1000;
 
-/// Serves admin requests on `listener` until the process exits, one thread.
-pub fn spawn(listener: TcpListener, env: Arc<Env>) -> std::io::Result<()> {
+/// What the admin threads share.
+pub struct Admin {
+    pub env: Arc<Env>,
+    pub shared: Arc<Shared>,
+    pub backend: &'static str,
+    /// Unix seconds the process started.
+    pub started: f64,
+    connections: AtomicUsize,
+    /// Requests between their head and the end of their answer.
+    busy: AtomicUsize,
+}
+
+impl Admin {
+    pub fn new(env: Arc<Env>, shared: Arc<Shared>, backend: &'static str, started: f64) -> Admin {
+        Admin {
+            env,
+            shared,
+            backend,
+            started,
+            connections: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `within` for the requests being answered to finish.
+    pub fn wait_idle(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.busy.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.env.lifecycle.started.load(Ordering::Relaxed)
+    }
+
+    fn draining(&self) -> bool {
+        self.env.lifecycle.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves admin requests on `listener` until the process exits.
+pub fn spawn(listener: TcpListener, admin: Arc<Admin>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("arcgate-admin".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = serve(stream, &env) {
-                    tracing::debug!(error = %e, "admin request failed");
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => accept(stream, &admin),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "admin accept failed");
+                        // Out of descriptors: do not spin.
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
             }
         })?;
     Ok(())
 }
 
-fn serve(mut stream: TcpStream, env: &Env) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let response = loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
+fn accept(mut stream: TcpStream, admin: &Arc<Admin>) {
+    let n = admin.connections.fetch_add(1, Ordering::AcqRel);
+    if n >= MAX_CONNECTIONS {
+        admin.connections.fetch_sub(1, Ordering::AcqRel);
+        let busy = Response::error(503, "too many admin connections; retry shortly")
+            .with_header("Retry-After", "1");
+        let _ = http::write(&mut stream, &busy, false, false);
+        return;
+    }
+    let admin = admin.clone();
+    let spawned = std::thread::Builder::new()
+        .name("arcgate-admin-conn".into())
+        .spawn(move || {
+            let _held = Held(&admin.connections);
+            if let Err(e) = serve(stream, &admin) {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start an admin connection thread");
+    }
+}
+
+/// Answers requests on one connection until it closes, is idle too long, or asks to close.
+fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut reader = Reader::new();
+    for _ in 0..MAX_REQUESTS {
+        let request = match reader.next(&mut stream, IDLE)? {
+            Incoming::Closed => return Ok(()),
+            Incoming::Invalid(response) => {
+                return http::write(&mut stream, &response, false, false);
+            }
+            Incoming::Request(r) => r,
+        };
+        admin.busy.fetch_add(1, Ordering::AcqRel);
+        let _busy = Held(&admin.busy);
+        let response = api::route(admin, &request);
+        // While draining, answers close their connection so that the process can exit.
+        let keep_alive = request.keep_alive && !admin.draining();
+        let head_only = request.method == "HEAD";
+        http::write(&mut stream, &response, keep_alive, head_only)?;
+        if !keep_alive {
             return Ok(());
         }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                break route(req.method.unwrap_or(""), req.path.unwrap_or(""), env);
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
-                break error_response(431, "request head too large", &[]).to_vec()
-            }
-            Err(_) => break error_response(400, "malformed HTTP request", &[]).to_vec(),
-        }
-    };
-    stream.write_all(&response)
-}
-
-fn text(status: u16, reason: &str, body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-fn route(method: &str, path: &str, env: &Env) -> Vec<u8> {
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/healthz") => text(200, "OK", "ok\n"),
-        ("GET", "/readyz") if env.lifecycle.draining.load(Ordering::Relaxed) => {
-            text(503, "Service Unavailable", "draining\n")
-        }
-        ("GET", "/readyz") => text(200, "OK", "ready\n"),
-        (_, "/healthz" | "/readyz") => error_response(405, "use GET", &[("Allow", "GET")]).to_vec(),
-        _ => error_response(404, "no such route", &[]).to_vec(),
     }
+    Ok(())
 }

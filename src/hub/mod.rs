@@ -1,20 +1,118 @@
 //! Routing between connections and workers: which worker holds which machine, the
-//! per-worker subscription index, cross-worker inboxes, and commands in flight.
+//! per-worker subscription index, cross-worker inboxes, commands in flight (from
+//! connections and from the admin API), and the latest state each local agent reported.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use dashmap::DashMap;
-use indexmap::IndexSet;
+use indexmap::{IndexMap, IndexSet};
 
 use crate::auth::{Identity, Role};
 use crate::io::conns::Queued;
 use crate::io::{ConnId, Conns, Notifier};
+use crate::metrics::{Metrics, WorkerMetrics};
 use crate::protocol::envelope::{self, ErrorCode};
+use crate::worker::Settings;
+
+/// Servers whose latest `server:status` is kept per machine; further server ids are not
+/// recorded (they are still relayed).
+pub const MAX_SERVERS: usize = 1024;
+/// Bytes of `server:status` data kept per machine.
+pub const MAX_SERVER_BYTES: usize = 1 << 20;
+
+/// Why a command got no answer from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    NotConnected,
+    Forbidden,
+    /// The agent's connection was gone when the command reached its worker.
+    Gone,
+    /// The agent's connection ended before it answered.
+    Disconnected,
+    TimedOut,
+    /// The gateway is shutting down.
+    Draining,
+}
+
+impl Failure {
+    /// The `COMMAND_FAILED` message.
+    pub fn message(self) -> &'static str {
+        match self {
+            Failure::NotConnected => "machine not connected",
+            Failure::Forbidden => "forbidden",
+            Failure::Gone => "machine disconnected",
+            Failure::Disconnected => "machine disconnected before answering",
+            Failure::TimedOut => "command timed out",
+            Failure::Draining => "the gateway is shutting down",
+        }
+    }
+
+    /// The index of its `outcome` label (metrics::OUTCOMES).
+    fn outcome(self) -> usize {
+        match self {
+            Failure::TimedOut => 1,
+            Failure::Gone | Failure::Disconnected => 2,
+            Failure::NotConnected => 3,
+            Failure::Forbidden => 4,
+            Failure::Draining => 5,
+        }
+    }
+}
+
+/// What an admin API command gets back: the agent's `data`, or why not.
+pub type CommandOutcome = Result<Bytes, Failure>;
+
+/// One connected machine as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineInfo {
+    pub machine_id: Box<str>,
+    pub cluster_id: Arc<str>,
+    pub version: Box<str>,
+    /// Unix milliseconds.
+    pub connected_at: u64,
+    /// Unix milliseconds of the last `heartbeat`.
+    pub last_heartbeat: Option<u64>,
+    /// Only for a single machine: the latest reports, as JSON object texts.
+    pub detail: Option<MachineDetail>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineDetail {
+    pub heartbeat: Option<String>,
+    pub metrics: Option<String>,
+    /// The latest `server:status` data of each server, in the order they first appeared.
+    pub servers: Vec<String>,
+}
+
+/// A request of the admin API to a worker; answers go back over the channel.
+#[derive(Debug)]
+pub enum AdminRequest {
+    /// The machines connected to this worker.
+    Machines { reply: Sender<Vec<MachineInfo>> },
+    /// One machine of this worker with its latest reports; `None` if it is not here.
+    Machine {
+        machine_id: Box<str>,
+        reply: Sender<Option<MachineInfo>>,
+    },
+    /// A command for a machine (the worker holding it, ideally); `data` is a JSON object.
+    Command {
+        machine_id: Box<str>,
+        data: Box<str>,
+        reply: Sender<CommandOutcome>,
+    },
+    /// A notification for a cluster; `data` is the relayed JSON object.
+    Notify {
+        cluster_id: Box<str>,
+        data: Box<str>,
+    },
+}
 
 /// A message from one worker to another.
 #[derive(Debug)]
@@ -34,16 +132,19 @@ pub enum Msg {
         deadline: Instant,
     },
     /// The outcome of this worker's pending command `seq`: the agent's data, or why not.
-    CommandResult {
-        seq: u64,
-        result: Result<Bytes, &'static str>,
-    },
+    CommandResult { seq: u64, result: CommandOutcome },
     /// Close a local connection on the gateway's initiative.
     Close {
         conn: ConnId,
         code: u16,
         reason: &'static str,
     },
+    /// A request of the admin API.
+    Admin(AdminRequest),
+    /// New settings after a reload (handled by the worker).
+    Reload(Arc<Settings>),
+    /// Close the local connections of subject `sub` with 4001 (handled by the worker).
+    Revoke { sub: Arc<str> },
 }
 
 /// A worker's inbox: a lock-free queue plus its wake-up.
@@ -73,11 +174,15 @@ pub struct Shared {
     /// Random per process, part of every command id: an agent resending an answer
     /// to a restarted gateway cannot complete a new command that reuses the number.
     pub nonce: u32,
+    /// Every worker's counters.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
     pub fn new(notifiers: Vec<Arc<Notifier>>) -> Shared {
+        let workers = notifiers.len();
         Shared {
+            metrics: Arc::new(Metrics::new(workers)),
             inboxes: notifiers
                 .into_iter()
                 .map(|notifier| Inbox {
@@ -104,10 +209,80 @@ impl Shared {
     }
 }
 
-/// Who is waiting for a command's answer.
+/// Who waits for a command's answer.
+#[derive(Debug)]
+enum Issuer {
+    /// A client connection, with the id of its request.
+    Conn { id: ConnId, req_id: Box<str> },
+    /// An admin API request.
+    Http(Sender<CommandOutcome>),
+}
+
 struct Pending {
-    issuer: ConnId,
-    req_id: Box<str>,
+    issuer: Issuer,
+    issued: Instant,
+}
+
+/// What a local agent reported last (PROTOCOL.md section 4), for the admin API.
+#[derive(Debug)]
+struct AgentState {
+    machine_id: Box<str>,
+    cluster: Arc<str>,
+    version: Box<str>,
+    connected_at: u64,
+    last_heartbeat: Option<u64>,
+    /// JSON object texts; empty until reported. Buffers are reused between reports.
+    heartbeat: Vec<u8>,
+    metrics: Vec<u8>,
+    servers: IndexMap<Box<str>, Vec<u8>>,
+    server_bytes: usize,
+}
+
+impl AgentState {
+    fn info(&self, detail: bool) -> MachineInfo {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let opt = |b: &[u8]| (!b.is_empty()).then(|| text(b));
+        MachineInfo {
+            machine_id: self.machine_id.clone(),
+            cluster_id: self.cluster.clone(),
+            version: self.version.clone(),
+            connected_at: self.connected_at,
+            last_heartbeat: self.last_heartbeat,
+            detail: detail.then(|| MachineDetail {
+                heartbeat: opt(&self.heartbeat),
+                metrics: opt(&self.metrics),
+                servers: self.servers.values().map(|v| text(v)).collect(),
+            }),
+        }
+    }
+
+    /// Keeps the latest `server:status` of `server_id` within the per-machine bounds.
+    fn record_server(&mut self, server_id: &str, data: &str) {
+        let old = self.servers.get(server_id).map_or(0, Vec::len);
+        let fits = self.server_bytes - old + data.len() <= MAX_SERVER_BYTES;
+        if !fits || (old == 0 && self.servers.len() >= MAX_SERVERS) {
+            return;
+        }
+        self.server_bytes = self.server_bytes - old + data.len();
+        match self.servers.get_mut(server_id) {
+            Some(buf) => replace(buf, data),
+            None => {
+                self.servers
+                    .insert(server_id.into(), data.as_bytes().to_vec());
+            }
+        }
+    }
+}
+
+fn replace(buf: &mut Vec<u8>, data: &str) {
+    buf.clear();
+    buf.extend_from_slice(data.as_bytes());
+}
+
+#[derive(serde::Deserialize)]
+struct ServerIdOnly<'a> {
+    #[serde(borrow, rename = "serverId")]
+    server_id: Cow<'a, str>,
 }
 
 /// A command an agent on this worker received and has not answered yet.
@@ -129,11 +304,15 @@ pub struct Hub {
     pending: HashMap<u64, Pending>,
     next_seq: u64,
     outstanding: HashMap<ConnId, Vec<Outstanding>>,
-    command_timeout: Duration,
+    agents: HashMap<ConnId, AgentState>,
+    pub command_timeout: Duration,
+    metrics: Arc<Metrics>,
     /// Connections whose outbound queue overflowed: the worker closes them with 1013.
     pub overflowed: Vec<ConnId>,
     /// Closes requested by routing (replaced agents).
     pub closes: Vec<CloseRequest>,
+    /// Timers of pending commands the worker must arm: (key, deadline).
+    pub timers: Vec<(u64, Instant)>,
 }
 
 /// Timer key flag for pending commands (connection keys never set the top bit).
@@ -143,22 +322,35 @@ impl Hub {
     pub fn new(index: u16, shared: Arc<Shared>, command_timeout: Duration) -> Hub {
         Hub {
             index,
+            metrics: shared.metrics.clone(),
             shared,
             users: HashMap::new(),
             services: IndexSet::new(),
             pending: HashMap::new(),
             next_seq: 0,
             outstanding: HashMap::new(),
+            agents: HashMap::new(),
             command_timeout,
             overflowed: Vec::new(),
             closes: Vec::new(),
+            timers: Vec::new(),
         }
     }
 
+    fn m(&self) -> &WorkerMetrics {
+        self.metrics.worker(self.index)
+    }
+
     fn send(&mut self, conns: &mut Conns, id: ConnId, frame: Bytes) {
-        if conns.send(id, frame) == Queued::Overflow {
-            self.overflowed.push(id);
+        let len = frame.len() as u64;
+        match conns.send(id, frame) {
+            Queued::Gone => return,
+            Queued::Overflow => self.overflowed.push(id),
+            Queued::Ok => {}
         }
+        let m = self.m();
+        m.messages_out.add(1);
+        m.bytes_out.add(len);
     }
 
     /// A connection authenticated: agents are registered (replacing an older connection
@@ -180,6 +372,20 @@ impl Hub {
                     cluster: cluster.clone(),
                     version: version.into(),
                 };
+                self.agents.insert(
+                    id,
+                    AgentState {
+                        machine_id: who.sub.clone(),
+                        cluster: cluster.clone(),
+                        version: version.into(),
+                        connected_at: ts,
+                        last_heartbeat: None,
+                        heartbeat: Vec::new(),
+                        metrics: Vec::new(),
+                        servers: IndexMap::new(),
+                        server_bytes: 0,
+                    },
+                );
                 if let Some(old) = self.shared.machines.insert(who.sub.clone(), loc) {
                     let close = Msg::Close {
                         conn: old.conn,
@@ -237,14 +443,9 @@ impl Hub {
                     );
                     self.fan_out(conns, loc.cluster, frame, false);
                 }
+                self.agents.remove(&id);
                 for o in self.outstanding.remove(&id).unwrap_or_default() {
-                    self.result(
-                        conns,
-                        o.from,
-                        o.seq,
-                        Err("machine disconnected before answering"),
-                        ts,
-                    );
+                    self.result(conns, o.from, o.seq, Err(Failure::Disconnected), ts);
                 }
             }
             Role::User => {
@@ -288,6 +489,28 @@ impl Hub {
         self.fan_out(conns, Arc::from(cluster_id), frame, services_only);
     }
 
+    /// Keeps what a local agent reported: its heartbeat, metrics snapshot and each
+    /// server's status (`event` is the relayed name).
+    pub fn record(&mut self, id: ConnId, event: &str, data: &str, ts: u64) {
+        let Some(agent) = self.agents.get_mut(&id) else {
+            return;
+        };
+        match event {
+            "heartbeat" => {
+                agent.last_heartbeat = Some(ts);
+                replace(&mut agent.heartbeat, data);
+            }
+            "metrics" => replace(&mut agent.metrics, data),
+            "server:updated" => {
+                // The session checked that serverId is a string.
+                if let Ok(s) = serde_json::from_str::<ServerIdOnly<'_>>(data) {
+                    agent.record_server(&s.server_id, data);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Whether anyone, here or on another worker, would receive an event of `cluster`:
     /// an event nobody receives is not encoded at all.
     fn has_receivers(&self, cluster: &str, services_only: bool) -> bool {
@@ -311,6 +534,7 @@ impl Hub {
     }
 
     fn fan_out(&mut self, conns: &mut Conns, cluster: Arc<str>, frame: Bytes, services_only: bool) {
+        self.m().relay_events.add(1);
         for (w, inbox) in self.shared.inboxes.iter().enumerate() {
             let count = if services_only {
                 &inbox.services
@@ -332,24 +556,34 @@ impl Hub {
     }
 
     fn deliver(&mut self, conns: &mut Conns, cluster: &str, frame: Bytes, services_only: bool) {
+        let mut queued = 0u64;
+        let mut queue =
+            |id: ConnId, overflowed: &mut Vec<ConnId>| match conns.send(id, frame.clone()) {
+                Queued::Ok => queued += 1,
+                Queued::Overflow => {
+                    queued += 1;
+                    overflowed.push(id);
+                }
+                Queued::Gone => {}
+            };
         for &id in &self.services {
-            if conns.send(id, frame.clone()) == Queued::Overflow {
-                self.overflowed.push(id);
-            }
+            queue(id, &mut self.overflowed);
         }
-        if services_only {
-            return;
-        }
-        if let Some(set) = self.users.get(cluster) {
-            for &id in set {
-                if conns.send(id, frame.clone()) == Queued::Overflow {
-                    self.overflowed.push(id);
+        if !services_only {
+            if let Some(set) = self.users.get(cluster) {
+                for &id in set {
+                    queue(id, &mut self.overflowed);
                 }
             }
         }
+        let m = self.metrics.worker(self.index);
+        m.relay_deliveries.add(queued);
+        m.messages_out.add(queued);
+        m.bytes_out.add(queued * frame.len() as u64);
     }
 
-    /// A client's command. Returns the timer to arm (key, deadline) when it was sent.
+    /// A client's command: checked against the machine's cluster and sent to the agent;
+    /// the issuer gets `COMMAND_FAILED` when it cannot be.
     #[allow(clippy::too_many_arguments)]
     pub fn command(
         &mut self,
@@ -361,23 +595,54 @@ impl Hub {
         data: &str,
         now: Instant,
         ts: u64,
-    ) -> Option<(u64, Instant)> {
-        let loc = self.shared.machines.get(machine_id).map(|l| l.clone());
-        let Some(loc) = loc else {
-            let frame = envelope::error(
-                ErrorCode::CommandFailed,
-                "machine not connected",
-                Some(req_id),
-                ts,
-            );
-            self.send(conns, issuer_id, frame);
-            return None;
+    ) {
+        let from = Issuer::Conn {
+            id: issuer_id,
+            req_id: req_id.into(),
         };
-        if !issuer.sees_cluster(&loc.cluster) {
-            let frame = envelope::error(ErrorCode::CommandFailed, "forbidden", Some(req_id), ts);
-            self.send(conns, issuer_id, frame);
-            return None;
+        let loc = self.shared.machines.get(machine_id).map(|l| l.clone());
+        match loc {
+            None => self.reply(conns, from, now, Err(Failure::NotConnected), ts),
+            Some(loc) if !issuer.sees_cluster(&loc.cluster) => {
+                self.reply(conns, from, now, Err(Failure::Forbidden), ts)
+            }
+            Some(loc) => self.dispatch(conns, from, loc, data, now, ts),
         }
+    }
+
+    /// An admin API command (a service sees every cluster).
+    fn http_command(
+        &mut self,
+        conns: &mut Conns,
+        machine_id: &str,
+        data: &str,
+        reply: Sender<CommandOutcome>,
+        now: Instant,
+        ts: u64,
+    ) {
+        let loc = self.shared.machines.get(machine_id).map(|l| l.clone());
+        match loc {
+            None => self.reply(
+                conns,
+                Issuer::Http(reply),
+                now,
+                Err(Failure::NotConnected),
+                ts,
+            ),
+            Some(loc) => self.dispatch(conns, Issuer::Http(reply), loc, data, now, ts),
+        }
+    }
+
+    /// Records the pending command, arms its timer and sends it to the agent's worker.
+    fn dispatch(
+        &mut self,
+        conns: &mut Conns,
+        issuer: Issuer,
+        loc: AgentLoc,
+        data: &str,
+        now: Instant,
+        ts: u64,
+    ) {
         self.next_seq += 1;
         let seq = self.next_seq;
         let cmd_id = format!("cmd_{:08x}_{}_{}", self.shared.nonce, self.index, seq);
@@ -385,8 +650,8 @@ impl Hub {
         self.pending.insert(
             seq,
             Pending {
-                issuer: issuer_id,
-                req_id: req_id.into(),
+                issuer,
+                issued: now,
             },
         );
         let frame = envelope::command_to_agent(&cmd_id, data, ts);
@@ -397,12 +662,51 @@ impl Hub {
             seq,
             deadline,
         };
+        self.timers.push((COMMAND_TIMER | seq, deadline));
         if loc.worker == self.index {
             self.handle(conns, msg, now, ts);
         } else {
             self.shared.post(loc.worker, msg);
         }
-        Some((COMMAND_TIMER | seq, deadline))
+    }
+
+    /// Tells the issuer how its command ended, and counts the outcome.
+    fn reply(
+        &mut self,
+        conns: &mut Conns,
+        issuer: Issuer,
+        issued: Instant,
+        outcome: CommandOutcome,
+        ts: u64,
+    ) {
+        let m = self.metrics.worker(self.index);
+        match &outcome {
+            Ok(_) => {
+                m.commands[0].add(1);
+                m.round_trip.observe(issued.elapsed());
+            }
+            Err(f) => m.commands[f.outcome()].add(1),
+        }
+        match issuer {
+            Issuer::Http(tx) => {
+                // The admin request may have given up waiting: nothing to do then.
+                let _ = tx.send(outcome);
+            }
+            Issuer::Conn { id, req_id } => {
+                let frame = match outcome {
+                    // The agent's data was validated JSON when it arrived.
+                    Ok(data) => envelope::command_response(
+                        &req_id,
+                        std::str::from_utf8(&data).unwrap_or("null"),
+                        ts,
+                    ),
+                    Err(f) => {
+                        envelope::error(ErrorCode::CommandFailed, f.message(), Some(&req_id), ts)
+                    }
+                };
+                self.send(conns, id, frame);
+            }
+        }
     }
 
     /// An agent's `command:response`: only for a command this agent was sent and has
@@ -437,14 +741,7 @@ impl Hub {
         );
     }
 
-    fn result(
-        &mut self,
-        conns: &mut Conns,
-        from: u16,
-        seq: u64,
-        result: Result<Bytes, &'static str>,
-        ts: u64,
-    ) {
+    fn result(&mut self, conns: &mut Conns, from: u16, seq: u64, result: CommandOutcome, ts: u64) {
         if from == self.index {
             self.finish_command(conns, seq, result, ts);
         } else {
@@ -452,31 +749,86 @@ impl Hub {
         }
     }
 
-    fn finish_command(
-        &mut self,
-        conns: &mut Conns,
-        seq: u64,
-        result: Result<Bytes, &'static str>,
-        ts: u64,
-    ) {
+    fn finish_command(&mut self, conns: &mut Conns, seq: u64, result: CommandOutcome, ts: u64) {
         let Some(p) = self.pending.remove(&seq) else {
             return;
         };
-        let frame = match result {
-            // The agent's data was validated JSON when it arrived.
-            Ok(data) => envelope::command_response(
-                &p.req_id,
-                std::str::from_utf8(&data).unwrap_or("null"),
-                ts,
-            ),
-            Err(why) => envelope::error(ErrorCode::CommandFailed, why, Some(&p.req_id), ts),
-        };
-        self.send(conns, p.issuer, frame);
+        self.reply(conns, p.issuer, p.issued, result, ts);
     }
 
     /// A pending command's timer fired.
     pub fn command_timed_out(&mut self, conns: &mut Conns, seq: u64, ts: u64) {
-        self.finish_command(conns, seq, Err("command timed out"), ts);
+        self.finish_command(conns, seq, Err(Failure::TimedOut), ts);
+    }
+
+    /// The drain began: admin API commands still waiting are answered at once.
+    pub fn fail_http_commands(&mut self, conns: &mut Conns, ts: u64) {
+        let seqs: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.issuer, Issuer::Http(_)))
+            .map(|(&seq, _)| seq)
+            .collect();
+        for seq in seqs {
+            self.finish_command(conns, seq, Err(Failure::Draining), ts);
+        }
+    }
+
+    /// These client connections are about to be closed by the drain: their commands still
+    /// waiting fail now, so that every issuer hears about each of its commands.
+    pub fn fail_commands_of(&mut self, conns: &mut Conns, ids: &HashSet<ConnId>, ts: u64) {
+        if self.pending.is_empty() || ids.is_empty() {
+            return;
+        }
+        let seqs: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(&p.issuer, Issuer::Conn { id, .. } if ids.contains(id)))
+            .map(|(&seq, _)| seq)
+            .collect();
+        for seq in seqs {
+            self.finish_command(conns, seq, Err(Failure::Draining), ts);
+        }
+    }
+
+    /// Commands waiting for an answer on this worker.
+    pub fn pending_commands(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn admin(&mut self, conns: &mut Conns, req: AdminRequest, now: Instant, ts: u64) {
+        match req {
+            AdminRequest::Machines { reply } => {
+                let index = self.index;
+                let live = |a: &AgentState, id: ConnId| {
+                    self.shared
+                        .machines
+                        .get(&a.machine_id)
+                        .is_some_and(|l| l.worker == index && l.conn == id)
+                };
+                let list = self
+                    .agents
+                    .iter()
+                    .filter(|(&id, a)| live(a, id))
+                    .map(|(_, a)| a.info(false))
+                    .collect();
+                let _ = reply.send(list);
+            }
+            AdminRequest::Machine { machine_id, reply } => {
+                let loc = self.shared.machines.get(&machine_id).map(|l| l.clone());
+                let info = loc
+                    .filter(|l| l.worker == self.index)
+                    .and_then(|l| self.agents.get(&l.conn))
+                    .map(|a| a.info(true));
+                let _ = reply.send(info);
+            }
+            AdminRequest::Command {
+                machine_id,
+                data,
+                reply,
+            } => self.http_command(conns, &machine_id, &data, reply, now, ts),
+            AdminRequest::Notify { cluster_id, data } => self.notify(conns, &cluster_id, &data, ts),
+        }
     }
 
     /// A message from another worker (or routed locally).
@@ -504,11 +856,14 @@ impl Hub {
                         deadline,
                     });
                 } else {
-                    self.result(conns, from, seq, Err("machine disconnected"), ts);
+                    self.result(conns, from, seq, Err(Failure::Gone), ts);
                 }
             }
             Msg::CommandResult { seq, result } => self.finish_command(conns, seq, result, ts),
             Msg::Close { conn, code, reason } => self.closes.push((conn, code, reason)),
+            Msg::Admin(req) => self.admin(conns, req, now, ts),
+            // The worker handles these before they reach the hub.
+            Msg::Reload(_) | Msg::Revoke { .. } => {}
         }
     }
 }

@@ -22,7 +22,9 @@ const MAX_IOVECS: usize = 64;
 pub struct EpollLoop {
     poll: Poll,
     events: Events,
-    listener: TcpListener,
+    /// Dropped when the handler stops accepting, so that the port's other listeners (a
+    /// newer process with `SO_REUSEPORT`) get the new connections.
+    listener: Option<TcpListener>,
     notifier: Arc<Notifier>,
     accepting: bool,
     read_buf: Vec<u8>,
@@ -43,7 +45,7 @@ impl EpollLoop {
         Ok(EpollLoop {
             poll,
             events: Events::with_capacity(1024),
-            listener,
+            listener: Some(listener),
             notifier,
             accepting: true,
             read_buf: vec![0; READ_BUF],
@@ -94,10 +96,12 @@ impl EpollLoop {
             handler.on_tick(conns, now);
             if !handler.accepting() && self.accepting {
                 self.accepting = false;
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&self.listener.as_raw_fd()));
+                if let Some(listener) = self.listener.take() {
+                    let _ = self
+                        .poll
+                        .registry()
+                        .deregister(&mut SourceFd(&listener.as_raw_fd()));
+                }
             }
             while let Some(id) = conns.pop_expired_linger(now) {
                 self.teardown(conns, handler, id, now);
@@ -108,11 +112,14 @@ impl EpollLoop {
     }
 
     fn accept<H: Handler>(&mut self, conns: &mut Conns, handler: &mut H, now: Instant) {
+        let Some(listener) = self.listener.as_ref().map(|l| l.as_raw_fd()) else {
+            return;
+        };
         loop {
             // SAFETY: accept4 with null address arguments.
             let fd = unsafe {
                 libc::accept4(
-                    self.listener.as_raw_fd(),
+                    listener,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,

@@ -141,7 +141,9 @@ struct SendOp {
 pub struct UringLoop {
     ring: IoUring,
     bufs: BufRing,
-    listener: TcpListener,
+    /// Dropped when the handler stops accepting, so that the port's other listeners (a
+    /// newer process with `SO_REUSEPORT`) get the new connections.
+    listener: Option<TcpListener>,
     notifier: std::sync::Arc<Notifier>,
     sends: Vec<Option<Box<SendOp>>>,
     // Boxed: a send's header must not move while the kernel reads it.
@@ -170,7 +172,7 @@ impl UringLoop {
         Ok(UringLoop {
             ring,
             bufs,
-            listener,
+            listener: Some(listener),
             notifier,
             sends: Vec::new(),
             send_pool: Vec::new(),
@@ -195,7 +197,10 @@ impl UringLoop {
     }
 
     fn arm_accept(&mut self) {
-        let sqe = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let sqe = opcode::AcceptMulti::new(Fd(listener.as_raw_fd()))
             .allocate_file_index(true)
             .build()
             .user_data(tag(OP_ACCEPT, ConnId { slot: 0, gen: 0 }));
@@ -263,6 +268,10 @@ impl UringLoop {
                     .build()
                     .user_data(tag(OP_CANCEL, ConnId { slot: 0, gen: 0 }));
                 self.push(sqe);
+            }
+            if !handler.accepting() {
+                // The pending accept keeps its own reference until it completes.
+                self.listener = None;
             }
             while let Some(id) = conns.pop_expired_linger(now) {
                 self.teardown(conns, id);

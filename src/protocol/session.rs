@@ -44,10 +44,33 @@ pub struct Limits {
     pub max_message_size: usize,
 }
 
+/// Facts a session reports as they happen, for metrics. Every method does nothing by
+/// default; `()` observes nothing.
+pub trait Observer {
+    /// A data message got past the rate limit: its event name, or `""` when it is not a
+    /// valid envelope.
+    fn message(&self, _event: &str) {}
+    /// A ping frame arrived.
+    fn ping(&self) {}
+    /// A message was dropped by the rate limit.
+    fn rate_limited(&self) {}
+    /// `AUTH_FAILED` was sent with this message.
+    fn auth_failed(&self, _message: &str) {}
+    /// `AUTH_TIMEOUT` was sent.
+    fn auth_timeout(&self) {}
+    /// The session sent (or echoed) a close frame with this code.
+    fn closed(&self, _code: u16) {}
+    /// The upgrade was refused with this HTTP status.
+    fn rejected(&self, _status: u16) {}
+}
+
+impl Observer for () {}
+
 /// The world as the session sees it during one call.
 pub struct Ctx<'a> {
     pub limits: &'a Limits,
     pub verifier: &'a Verifier,
+    pub observer: &'a dyn Observer,
     /// Monotonic time of this loop turn.
     pub now: Instant,
     /// Wall-clock Unix milliseconds of this loop turn (timestamps, token expiry).
@@ -149,6 +172,8 @@ struct Core {
     warn_at: u64,
     expire_at: u64,
     bucket: Bucket,
+    /// Set once the upgrade succeeded (stays set after the close).
+    upgraded_once: bool,
 }
 
 impl Session {
@@ -168,6 +193,7 @@ impl Session {
             lease: NEVER,
             warn_at: NEVER,
             expire_at: NEVER,
+            upgraded_once: false,
             bucket: Bucket {
                 milli_tokens: u64::from(limits.rate_burst) * 1000,
                 refilled_ms: 0,
@@ -222,13 +248,16 @@ impl Session {
         match c.phase {
             Phase::Closed(_) => {}
             Phase::Handshake { .. } => {
+                ctx.observer.rejected(503);
                 out(Output::Send(handshake::error_response(503, reason, &[])));
                 c.shut(out);
             }
             Phase::AwaitAuth | Phase::Open(_) => {
                 if code == CLOSE_AUTH_FAILED {
+                    ctx.observer.auth_failed(reason);
                     send_error(ctx, ErrorCode::AuthFailed, reason, None, out);
                 }
+                ctx.observer.closed(code);
                 out(Output::Send(codec::close_frame(code, reason)));
                 c.shut(out);
             }
@@ -251,6 +280,11 @@ impl Session {
     /// Whether the connection is still sending its HTTP request head.
     pub fn is_handshaking(&self) -> bool {
         matches!(self.core.phase, Phase::Handshake { .. })
+    }
+
+    /// Whether the connection was upgraded to a WebSocket.
+    pub fn is_upgraded(&self) -> bool {
+        self.core.upgraded_once
     }
 
     fn handshake(&mut self, ctx: &Ctx, input: &mut [u8], out: &mut impl FnMut(Output<'_>)) {
@@ -293,6 +327,7 @@ impl Session {
     /// Bounds the handshake buffer whatever the parser does with an endless head.
     fn check_head_size(&mut self, held: usize, ctx: &Ctx, out: &mut impl FnMut(Output<'_>)) {
         if held > ctx.limits.policy.max_header_bytes {
+            ctx.observer.rejected(431);
             let response = handshake::error_response(431, "request head too large", &[]);
             out(Output::Send(response));
             self.core.shut(out);
@@ -310,7 +345,8 @@ impl Session {
     ) {
         let (route, response, consumed) = match outcome {
             Outcome::Partial => return,
-            Outcome::Reject { response, .. } => {
+            Outcome::Reject { response, status } => {
+                ctx.observer.rejected(status);
                 out(Output::Send(response));
                 return self.core.shut(out);
             }
@@ -321,6 +357,7 @@ impl Session {
             } => (route, response, consumed),
         };
         if let Some(secs) = reject {
+            ctx.observer.rejected(503);
             let msg = "the gateway is at capacity; retry later";
             out(Output::Send(handshake::service_unavailable(secs, msg)));
             return self.core.shut(out);
@@ -329,6 +366,7 @@ impl Session {
             0 => Route::Agent,
             1 => Route::Client,
             _ => {
+                ctx.observer.rejected(404);
                 out(Output::Send(handshake::error_response(
                     404,
                     "unknown path",
@@ -356,6 +394,7 @@ impl Session {
             .decode(buf, |msg| core.on_message(ctx, msg, out));
         if let Err(reason) = result {
             if !core.is_closed() {
+                ctx.observer.closed(reason.code());
                 out(Output::Send(codec::close_frame(
                     reason.code(),
                     close_text(reason),
@@ -419,7 +458,8 @@ impl Core {
     }
 
     /// Sends a close frame and ends the session.
-    fn close_with(&mut self, code: u16, reason: &str, out: &mut impl FnMut(Output<'_>)) {
+    fn close_with(&mut self, ctx: &Ctx, code: u16, reason: &str, out: &mut impl FnMut(Output<'_>)) {
+        ctx.observer.closed(code);
         out(Output::Send(codec::close_frame(code, reason)));
         self.shut(out);
     }
@@ -435,7 +475,7 @@ impl Core {
         out: &mut impl FnMut(Output<'_>),
     ) {
         send_error(ctx, code, message, id, out);
-        self.close_with(close_code, message, out);
+        self.close_with(ctx, close_code, message, out);
     }
 
     fn auth_failed(
@@ -445,6 +485,7 @@ impl Core {
         id: Option<&str>,
         out: &mut impl FnMut(Output<'_>),
     ) {
+        ctx.observer.auth_failed(message);
         self.fail(
             ctx,
             ErrorCode::AuthFailed,
@@ -457,6 +498,7 @@ impl Core {
 
     fn upgraded(&mut self, ctx: &Ctx, route: Route) {
         self.phase = Phase::AwaitAuth;
+        self.upgraded_once = true;
         self.route = route;
         self.phase_deadline = self.deadline(ctx.now, ctx.limits.auth_timeout);
         self.next_ping = self.optional_deadline(ctx.now, ctx.limits.ping_interval);
@@ -475,10 +517,10 @@ impl Core {
             return self.auth_failed(ctx, "token expired", None, out);
         }
         if self.pong_deadline <= now {
-            return self.close_with(CLOSE_PING_TIMEOUT, "ping timeout", out);
+            return self.close_with(ctx, CLOSE_PING_TIMEOUT, "ping timeout", out);
         }
         if self.lease <= now {
-            return self.close_with(CLOSE_PING_TIMEOUT, "lease expired", out);
+            return self.close_with(ctx, CLOSE_PING_TIMEOUT, "lease expired", out);
         }
         if self.warn_at <= now {
             self.warn_at = NEVER;
@@ -512,14 +554,16 @@ impl Core {
             Phase::Handshake { .. } => {
                 let within = humantime::format_duration(limits.handshake_timeout);
                 let msg = format!("request head not complete within {within}");
+                ctx.observer.rejected(400);
                 out(Output::Send(handshake::error_response(400, &msg, &[])));
                 self.shut(out);
             }
             Phase::AwaitAuth => {
                 let within = humantime::format_duration(limits.auth_timeout);
                 let msg = format!("no auth message within {within}");
+                ctx.observer.auth_timeout();
                 send_error(ctx, ErrorCode::AuthTimeout, &msg, None, out);
-                self.close_with(CLOSE_AUTH_TIMEOUT, "auth timeout", out);
+                self.close_with(ctx, CLOSE_AUTH_TIMEOUT, "auth timeout", out);
             }
             // Authentication disarms the phase deadline; nothing to do otherwise.
             Phase::Open(_) | Phase::Closed(_) => self.phase_deadline = NEVER,
@@ -533,9 +577,12 @@ impl Core {
         out: &mut impl FnMut(Output<'_>),
     ) -> Flow {
         match msg {
-            Message::Ping(payload) => out(Output::Send(codec::frame(codec::OP_PONG, payload))),
+            Message::Ping(payload) => {
+                ctx.observer.ping();
+                out(Output::Send(codec::frame(codec::OP_PONG, payload)))
+            }
             Message::Pong(_) => {}
-            Message::Close(code, _) => self.close_with(code.unwrap_or(CLOSE_NORMAL), "", out),
+            Message::Close(code, _) => self.close_with(ctx, code.unwrap_or(CLOSE_NORMAL), "", out),
             Message::Binary(_) => self.on_data(ctx, None, out),
             Message::Text(text) => self.on_data(ctx, Some(text), out),
         }
@@ -557,6 +604,7 @@ impl Core {
             return;
         }
         let Some(text) = text else {
+            ctx.observer.message("");
             if authed {
                 let msg = "binary messages are not supported; send JSON text";
                 send_error(ctx, ErrorCode::InvalidMessage, msg, None, out);
@@ -568,6 +616,7 @@ impl Core {
         let env = match envelope::parse(text) {
             Ok(env) => env,
             Err(err) if authed => {
+                ctx.observer.message("");
                 let id = envelope::salvage_id(text);
                 return send_error(
                     ctx,
@@ -578,10 +627,12 @@ impl Core {
                 );
             }
             Err(err) => {
+                ctx.observer.message("");
                 let msg = format!("expected auth as the first message: {err}");
                 return self.auth_failed(ctx, &msg, envelope::salvage_id(text).as_deref(), out);
             }
         };
+        ctx.observer.message(&env.event);
         match (authed, env.event.as_ref()) {
             (false, "auth") => self.first_auth(ctx, &env, out),
             (false, _) => self.auth_failed(
@@ -624,6 +675,7 @@ impl Core {
             _ => 1,
         };
         b.drop_window = window;
+        ctx.observer.rate_limited();
         if b.error_ms == NEVER || now >= b.error_ms.saturating_add(1000) {
             b.error_ms = now;
             let msg = format!(
@@ -634,7 +686,7 @@ impl Core {
         }
         let close_after = limits.rate_limit_close_after;
         if close_after > 0 && b.drop_run >= close_after {
-            self.close_with(CLOSE_RATE_LIMIT, "rate limit exceeded", out);
+            self.close_with(ctx, CLOSE_RATE_LIMIT, "rate limit exceeded", out);
         }
         false
     }
@@ -1090,6 +1142,7 @@ mod tests {
             Ctx {
                 limits: &self.limits,
                 verifier: &self.verifier,
+                observer: &(),
                 now: self.t0 + at,
                 unix_ms: UNIX0 + at.as_millis() as u64,
             }
@@ -2370,5 +2423,114 @@ mod tests {
             assert!(h.tick(ms(at)).is_empty());
             assert_eq!(h.session.poll_timeout(), before);
         }
+    }
+
+    /// Records what the session reports to its observer.
+    #[derive(Default)]
+    struct Recorder(std::cell::RefCell<Vec<String>>);
+
+    impl Observer for Recorder {
+        fn message(&self, event: &str) {
+            self.0.borrow_mut().push(format!("message {event}"));
+        }
+        fn ping(&self) {
+            self.0.borrow_mut().push("ping".into());
+        }
+        fn rate_limited(&self) {
+            self.0.borrow_mut().push("rate_limited".into());
+        }
+        fn auth_failed(&self, message: &str) {
+            self.0.borrow_mut().push(format!("auth_failed {message}"));
+        }
+        fn auth_timeout(&self) {
+            self.0.borrow_mut().push("auth_timeout".into());
+        }
+        fn closed(&self, code: u16) {
+            self.0.borrow_mut().push(format!("closed {code}"));
+        }
+        fn rejected(&self, status: u16) {
+            self.0.borrow_mut().push(format!("rejected {status}"));
+        }
+    }
+
+    /// Feeds `steps` (bytes at an offset, or a timeout check when empty) to a fresh
+    /// session and returns what it reported.
+    fn observed(limits: Limits, steps: &[(Duration, Vec<u8>)]) -> Vec<String> {
+        let h = Harness::with(limits, None);
+        let mut session = h.session;
+        let rec = Recorder::default();
+        for (at, bytes) in steps {
+            let ctx = Ctx {
+                limits: &h.env.limits,
+                verifier: &h.env.verifier,
+                observer: &rec,
+                now: h.env.t0 + *at,
+                unix_ms: UNIX0 + at.as_millis() as u64,
+            };
+            let mut buf = bytes.clone();
+            if buf.is_empty() {
+                session.handle_timeout(&ctx, &mut |_| {});
+            } else {
+                session.handle_bytes(&ctx, &mut buf, &mut |_| {});
+            }
+        }
+        rec.0.into_inner()
+    }
+
+    #[test]
+    fn the_observer_hears_messages_failures_and_closes() {
+        let zero = Duration::ZERO;
+        let hb = json!({"event": "heartbeat", "data": {}});
+        let seen = observed(limits(), &[(zero, request(AGENT_PATH)), (zero, text(&hb))]);
+        assert_eq!(
+            seen,
+            [
+                "message heartbeat",
+                "auth_failed expected auth as the first message",
+                "closed 4001"
+            ]
+        );
+        let seen = observed(limits(), &[(zero, request("/nope"))]);
+        assert_eq!(seen, ["rejected 404"]);
+        let seen = observed(limits(), &[(zero, request(AGENT_PATH)), (secs(11), vec![])]);
+        assert_eq!(seen, ["auth_timeout", "closed 4002"]);
+        let auth = agent_auth(&token(&agent_spec("mch_1", "clu_a")), "mch_1");
+        let ping = client_frame(true, codec::OP_PING, b"x");
+        let close = client_frame(true, codec::OP_CLOSE, &1000u16.to_be_bytes());
+        let seen = observed(
+            limits(),
+            &[
+                (zero, request(AGENT_PATH)),
+                (zero, text(&auth)),
+                (zero, text(&json!({"event": "made:up"}))),
+                (zero, client_frame(true, codec::OP_BINARY, b"b")),
+                (zero, ping),
+                (zero, close),
+            ],
+        );
+        assert_eq!(
+            seen,
+            [
+                "message auth",
+                "message made:up",
+                "message ",
+                "ping",
+                "closed 1000"
+            ]
+        );
+        let limited = Limits {
+            rate_limit: 1,
+            rate_burst: 1,
+            ..limits()
+        };
+        let seen = observed(
+            limited,
+            &[
+                (zero, request(AGENT_PATH)),
+                (zero, text(&auth)),
+                (zero, text(&hb)),
+            ],
+        );
+        assert_eq!(seen, ["message auth", "rate_limited"]);
     }
 }

@@ -77,6 +77,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     log: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
+    /// Set by `wait_exit`: the test expects the process to end.
+    exit_expected: bool,
 }
 
 /// A port no other gateway of this test binary was given.
@@ -109,7 +111,7 @@ fn capture(stream: impl Read + Send + 'static, log: Arc<Mutex<String>>) -> JoinH
 
 impl Gateway {
     /// Starts a gateway with the `io` backend, two workers, debug logs and the test secret,
-    /// plus `extra` flags; returns once `/healthz` answers. Unless `extra` sets `--rate-limit`,
+    /// plus `extra` flags; returns once `/readyz` answers 200. Unless `extra` sets `--rate-limit`,
     /// the message rate is practically unlimited, so that only the rate-limit tests meet it.
     pub async fn start(io: &'static str, extra: &[&str]) -> Gateway {
         let mut extra = extra.to_vec();
@@ -146,6 +148,7 @@ impl Gateway {
                 admin,
                 log,
                 readers,
+                exit_expected: false,
             };
             if gw.wait_ready().await {
                 return gw;
@@ -165,7 +168,146 @@ impl Gateway {
         panic!("arcgate --io {io} {extra:?} did not become healthy; its output:\n{last_log}");
     }
 
-    /// Polls `/healthz` for up to 20 s; false when the process exited or never answered.
+    /// Runs `cmd` (an `arcgate serve` whose WebSocket and admin listeners are `addr` and
+    /// `admin`, however it gets them) and returns once `/readyz` answers 200.
+    pub async fn spawn(
+        io: &'static str,
+        mut cmd: Command,
+        addr: SocketAddr,
+        admin: SocketAddr,
+    ) -> Gateway {
+        let mut child = cmd
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn arcgate");
+        let log = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            capture(child.stdout.take().unwrap(), log.clone()),
+            capture(child.stderr.take().unwrap(), log.clone()),
+        ];
+        let mut gw = Gateway {
+            child,
+            io,
+            addr,
+            admin,
+            log,
+            readers,
+            exit_expected: false,
+        };
+        if !gw.wait_ready().await {
+            let _ = gw.child.wait();
+            for r in gw.readers.drain(..) {
+                let _ = r.join();
+            }
+            let log = gw.log();
+            std::mem::forget(gw);
+            panic!("arcgate did not become healthy; its output:\n{log}");
+        }
+        gw
+    }
+
+    /// A command line for `arcgate serve` on fresh ports with the `io` backend and two
+    /// workers, without a key: the caller adds the rest. Returns it with the two addresses.
+    pub fn command(io: &str) -> (Command, SocketAddr, SocketAddr) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arcgate"));
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--io", io, "--workers", "2"]);
+        (cmd, addr, admin)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (libc::SIGTERM, …) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal})");
+    }
+
+    /// Waits up to `within` for the process to exit; the test then expects it to.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.exit_expected = true;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits up to `within` for `text` to appear in the process's output.
+    pub async fn wait_log(&self, text: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.log().contains(text) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.log().contains(text)
+    }
+
+    /// An admin API request: `token` as Bearer, `body` as JSON text.
+    pub async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> HttpResponse {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: arcgate\r\nConnection: close\r\n");
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            ));
+        } else {
+            req.push_str("\r\n");
+        }
+        http(self.admin, &req)
+            .await
+            .unwrap_or_else(|| panic!("no answer to {method} {path}"))
+    }
+
+    /// `GET path` on the admin listener with a service token.
+    pub async fn admin_get(&self, path: &str) -> HttpResponse {
+        self.admin_request("GET", path, Some(&service_token("panel")), None)
+            .await
+    }
+
+    /// Polls `/metrics` until `series` (e.g. `arcgate_closes_total{code="1000"}`) reaches
+    /// `at_least`; returns its last value.
+    pub async fn metric_at_least(&self, series: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let resp = self.admin_request("GET", "/metrics", None, None).await;
+            let text = String::from_utf8(resp.body).unwrap();
+            let v = metric(&text, series).unwrap_or(f64::NAN);
+            if v >= at_least || Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls `/readyz` for up to 20 s; false when the process exited or never answered.
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -175,7 +317,7 @@ impl Gateway {
             if let Ok(Ok(mut s)) =
                 tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.admin)).await
             {
-                let req = b"GET /healthz HTTP/1.1\r\nHost: arcgate\r\nConnection: close\r\n\r\n";
+                let req = b"GET /readyz HTTP/1.1\r\nHost: arcgate\r\nConnection: close\r\n\r\n";
                 if s.write_all(req).await.is_ok() {
                     if let Some(resp) = read_response(&mut s, Duration::from_secs(2)).await {
                         if resp.status == 200 {
@@ -188,11 +330,6 @@ impl Gateway {
         }
         let _ = self.child.kill();
         false
-    }
-
-    /// The gateway's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// The gateway's resident memory now, in KiB (`VmRSS` of /proc/PID/status).
@@ -275,7 +412,12 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let exited = self.child.try_wait().ok().flatten();
+        let exited = self
+            .child
+            .try_wait()
+            .ok()
+            .flatten()
+            .filter(|_| !self.exit_expected);
         let _ = self.child.kill();
         let _ = self.child.wait();
         for r in self.readers.drain(..) {
@@ -354,7 +496,34 @@ pub struct HttpResponse {
     pub rest: Vec<u8>,
 }
 
+/// The value of one sample (`name{labels}` exactly as written) in a Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 impl HttpResponse {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts a JSON error answer `{"error": code, "message": …}` with `status`.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        let v = self.json();
+        assert_eq!(v["error"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert_eq!(v.as_object().map(|o| o.len()), Some(2), "{v}");
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

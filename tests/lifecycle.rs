@@ -1,0 +1,384 @@
+//! The process's life (PROTOCOL.md section 8): the drain on SIGTERM, a second signal,
+//! reload on SIGHUP, systemd notifications and socket activation.
+
+#[macro_use]
+mod common;
+
+use std::net::TcpListener as StdListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+both_backends!(sigterm_drains_with_1012_and_exits_0, socket_activation);
+
+/// A file path under the temp dir, unique per test and process.
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("arcgate-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+async fn sigterm_drains_with_1012_and_exits_0(io: &'static str) {
+    let mut gw = Gateway::start(io, &["--drain-duration", "1s", "--command-timeout", "20s"]).await;
+    let mut user = gw.user("usr_1", &["clu_a"]).await;
+    let mut agent = gw.agent("mch_1", "clu_a").await;
+    user.recv_event("machine:online").await;
+    // A command from the user and one over HTTP, both waiting for the silent agent.
+    user.send(json!({"event": "command", "id": "req_1", "data": {"machineId": "mch_1", "type": "server:stop"}}))
+        .await;
+    agent.recv_event("command").await;
+    let token = service_token("panel");
+    let gw_ref = &gw;
+    let http_cmd = async {
+        gw_ref
+            .admin_request(
+                "POST",
+                "/v1/machines/mch_1/commands",
+                Some(&token),
+                Some(r#"{"type":"server:start"}"#),
+            )
+            .await
+    };
+    let trigger = async {
+        agent.recv_event("command").await;
+        gw_ref.signal(libc::SIGTERM);
+        let started = Instant::now();
+        // Readiness turns 503 at once.
+        loop {
+            let r = gw_ref.admin_request("GET", "/readyz", None, None).await;
+            if r.status == 503 {
+                r.assert_error(503, "UNAVAILABLE");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "readyz still {}",
+                r.status
+            );
+        }
+        assert_eq!(
+            gw_ref
+                .admin_request("GET", "/healthz", None, None)
+                .await
+                .status,
+            200
+        );
+        // New HTTP commands are refused while draining.
+        let refused = gw_ref
+            .admin_request(
+                "POST",
+                "/v1/machines/mch_1/commands",
+                Some(&token),
+                Some(r#"{"type":"x"}"#),
+            )
+            .await;
+        refused.assert_error(503, "UNAVAILABLE");
+        agent.messages_until_close(Duration::from_secs(5)).await
+    };
+    let (pending, (agent_code, _)) = tokio::join!(http_cmd, trigger);
+    pending.assert_error(503, "UNAVAILABLE");
+    assert_eq!(agent_code, 1012);
+    // The user hears about its command before its own 1012.
+    let (code, before) = user.messages_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, 1012);
+    let failed = before
+        .iter()
+        .find(|m| m["event"] == "error")
+        .unwrap_or_else(|| panic!("no COMMAND_FAILED before the close: {before:?}"));
+    assert_error(failed, "COMMAND_FAILED");
+    assert_eq!(failed["id"], "req_1");
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("arcgate did not exit after the drain");
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("drained; exiting"), "{}", gw.log());
+}
+
+#[tokio::test]
+async fn drain_spreads_closes_and_refuses_new_connections() {
+    let mut gw = Gateway::start("uring", &["--drain-duration", "2s"]).await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        clients.push(gw.user(&format!("usr_{i}"), &["clu_a"]).await);
+    }
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    let mut at = Vec::new();
+    for c in &mut clients {
+        assert_eq!(c.expect_close_within(Duration::from_secs(5)).await, 1012);
+        at.push(t0.elapsed());
+    }
+    // Without agents, clients go in the second half of the drain, spread over it.
+    let first = *at.iter().min().unwrap();
+    let last = *at.iter().max().unwrap();
+    assert!(first >= Duration::from_millis(900), "{at:?}");
+    assert!(last - first >= Duration::from_millis(300), "{at:?}");
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exit");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut gw = Gateway::start("epoll", &["--drain-duration", "60s"]).await;
+    let mut user = gw.user("usr_1", &["clu_a"]).await;
+    gw.signal(libc::SIGINT);
+    assert!(gw.wait_log("draining", WAIT).await);
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait_exit(Duration::from_secs(3)).await.expect("exit");
+    assert_eq!(status.code(), Some(1));
+    let _ = user.poll(Duration::from_millis(100)).await;
+}
+
+/// A NOTIFY_SOCKET listener that collects what the gateway sends.
+fn notify_socket() -> (UnixDatagram, PathBuf) {
+    let path = temp_path("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    (sock, path)
+}
+
+/// Datagrams received until one contains `what` or `within` passes.
+fn notifications_until(sock: &UnixDatagram, what: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = msg.lines().any(|l| l == what);
+            seen.push(msg);
+            if done {
+                break;
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn notify_socket_gets_ready_watchdog_and_stopping() {
+    let (sock, path) = notify_socket();
+    let (mut cmd, addr, admin) = Gateway::command("uring");
+    cmd.args(["--jwt-secret", SECRET, "--drain-duration", "0s"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut gw = Gateway::spawn("uring", cmd, addr, admin).await;
+    let seen = notifications_until(&sock, "READY=1", WAIT);
+    let ready = seen.last().expect("a notification");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{seen:?}");
+    assert!(ready.contains("STATUS=listening on"), "{ready}");
+    // Pings at half the interval while the workers turn.
+    let start = Instant::now();
+    let mut pings = 0;
+    while pings < 3 {
+        let seen = notifications_until(&sock, "WATCHDOG=1", Duration::from_secs(2));
+        assert!(
+            seen.iter().any(|m| m == "WATCHDOG=1"),
+            "no watchdog ping: {seen:?}"
+        );
+        pings += 1;
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // A reload is announced and closed with READY=1.
+    gw.signal(libc::SIGHUP);
+    let seen = notifications_until(&sock, "READY=1", WAIT);
+    let reloading = seen
+        .iter()
+        .find(|m| m.starts_with("RELOADING=1"))
+        .unwrap_or_else(|| panic!("no RELOADING=1: {seen:?}"));
+    assert!(reloading.contains("\nMONOTONIC_USEC="), "{reloading}");
+    assert!(seen.last().is_some_and(|m| m == "READY=1"), "{seen:?}");
+    gw.signal(libc::SIGTERM);
+    let seen = notifications_until(&sock, "STOPPING=1", WAIT);
+    assert!(
+        seen.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
+        "{seen:?}"
+    );
+    let status = gw.wait_exit(WAIT).await.expect("exit");
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_file(&path);
+}
+
+fn write_config(path: &Path, secret: &str, level: &str) {
+    std::fs::write(
+        path,
+        format!("jwt_secret = \"{secret}\"\nlog_level = \"{level}\"\nrate_limit = 0\n"),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn sighup_reloads_keys_limits_and_log_level() {
+    const NEW_SECRET: &str = "the-second-secret-0123456789abcdef-0123";
+    let path = temp_path("reload.toml");
+    write_config(&path, SECRET, "info");
+    let (mut cmd, addr, admin) = Gateway::command("epoll");
+    cmd.args(["--config", path.to_str().unwrap()]);
+    let gw = Gateway::spawn("epoll", cmd, addr, admin).await;
+    let mut before = gw.user("usr_1", &["clu_a"]).await;
+    assert!(
+        !gw.log().contains("connection accepted"),
+        "debug lines at info"
+    );
+
+    write_config(&path, NEW_SECRET, "debug");
+    gw.signal(libc::SIGHUP);
+    assert!(
+        gw.wait_log("configuration reloaded", WAIT).await,
+        "{}",
+        gw.log()
+    );
+    // New connections use the new key; the open one stays.
+    let claims = user_claims("usr_2", &["clu_a"], None);
+    gw.client(&sign_with(NEW_SECRET, &claims))
+        .await
+        .assert_open()
+        .await;
+    let mut old_key = gw.ws("/ws/client").await;
+    old_key
+        .send(client_auth(&user_token("usr_3", &["clu_a"], None)))
+        .await;
+    let e = old_key.expect_error("AUTH_FAILED").await;
+    assert_eq!(e["data"]["message"], "bad signature");
+    before.assert_open().await;
+    assert!(
+        gw.wait_log("connection accepted", WAIT).await,
+        "log level not reloaded"
+    );
+
+    // A file that does not validate is refused and the running configuration stays.
+    std::fs::write(&path, "jwt_secret = \"x\"\nrate_limit = \"lots\"\n").unwrap();
+    gw.signal(libc::SIGHUP);
+    assert!(
+        gw.wait_log("configuration reload refused", WAIT).await,
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("rate_limit"), "{}", gw.log());
+    let claims = user_claims("usr_4", &["clu_a"], None);
+    gw.client(&sign_with(NEW_SECRET, &claims))
+        .await
+        .assert_open()
+        .await;
+    before.assert_open().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// `arcgate serve` with `listener` passed as descriptor 3 the way systemd does it.
+fn activated_command(io: &str, listener: &StdListener, admin: std::net::SocketAddr) -> Command {
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        // LISTEN_PID must be the pid of the process that reads it: exec keeps the shell's.
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_arcgate"),
+        "serve",
+        "--listen",
+        "127.0.0.1:1",
+        "--admin-listen",
+        &admin.to_string(),
+        "--jwt-secret",
+        SECRET,
+        "--io",
+        io,
+        "--workers",
+        "2",
+        "--drain-duration",
+        "0s",
+    ]);
+    // SAFETY: dup2 is async-signal-safe; the child gets the listener as descriptor 3
+    // (dup2 clears close-on-exec on the copy).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn socket_activation(io: &'static str) {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin = free_addr();
+    let mut gw = Gateway::spawn(io, activated_command(io, &listener, admin), addr, admin).await;
+    assert!(
+        gw.wait_log("socket_activated=true", WAIT).await,
+        "{}",
+        gw.log()
+    );
+    let mut agents = Vec::new();
+    for i in 0..4 {
+        agents.push(gw.agent(&format!("mch_{i}"), "clu_a").await);
+    }
+    for a in &mut agents {
+        a.assert_open().await;
+    }
+    drop(agents);
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(WAIT).await.and_then(|s| s.code()), Some(0));
+
+    // While no gateway runs, the kernel queues connections on the socket systemd (here:
+    // the test) holds; the next gateway answers them.
+    let mut queued = tcp_connect(addr).await;
+    use tokio::io::AsyncWriteExt;
+    queued
+        .write_all(upgrade_request("/ws/agent", &[]).as_bytes())
+        .await
+        .unwrap();
+    let admin = free_addr();
+    let gw = Gateway::spawn(io, activated_command(io, &listener, admin), addr, admin).await;
+    let r = read_response(&mut queued, WAIT)
+        .await
+        .expect("answer to the queued request");
+    assert_eq!(r.status, 101);
+    drop(gw);
+}
+
+#[tokio::test]
+async fn a_new_process_on_the_same_port_takes_over_during_the_drain() {
+    let mut old = Gateway::start("uring", &["--drain-duration", "3s"]).await;
+    let mut user = old.user("usr_1", &["clu_a"]).await;
+    // The new version binds the same port (SO_REUSEPORT) before the old one is stopped.
+    let admin = free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arcgate"));
+    cmd.arg("serve")
+        .args(["--listen", &old.addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--jwt-secret", SECRET, "--io", "epoll", "--workers", "2"]);
+    let new = Gateway::spawn("epoll", cmd, old.addr, admin).await;
+    old.signal(libc::SIGTERM);
+    assert!(old.wait_log("draining", WAIT).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Every new connection reaches the new process while the old one drains.
+    for _ in 0..20 {
+        let r = http(old.addr, &upgrade_request("/ws/agent", &[])).await;
+        assert_eq!(r.map(|r| r.status), Some(101));
+    }
+    assert_eq!(user.expect_close_within(Duration::from_secs(5)).await, 1012);
+    assert_eq!(old.wait_exit(WAIT).await.and_then(|s| s.code()), Some(0));
+    drop(new);
+}
