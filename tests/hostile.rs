@@ -57,6 +57,9 @@ async fn silent_connections_over_the_handshake_cap_get_503_at_once(io: &'static 
         held.len()
     );
     assert!(refused >= 32, "{io}: only {refused} of 40 refused");
+    let series = r#"arcgate_connections_refused_total{reason="handshakes"}"#;
+    let counted = gw.metric_at_least(series, refused as f64).await;
+    assert_eq!(counted, refused as f64, "{io}: {series}");
     // A well-formed upgrade meets a full handshake queue on either worker.
     let r = http(gw.addr, &upgrade_request("/ws/agent", &[]))
         .await

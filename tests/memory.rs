@@ -145,6 +145,13 @@ async fn unauthenticated_connections_are_closed_and_memory_returns(io: &'static 
         "{io}: RSS grew from {first} KiB to {second} KiB over a second round of \
          {CONNECTIONS} connections: memory is not reused"
     );
+    let series = r#"arcgate_closes_total{code="4002"}"#;
+    let want = 2.0 * CONNECTIONS as f64;
+    assert_eq!(
+        gw.metric_at_least(series, want).await,
+        want,
+        "{io}: {series}"
+    );
     // And the gateway still serves.
     gw.user("usr_after", &["clu_m"]).await;
 }

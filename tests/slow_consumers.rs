@@ -139,6 +139,10 @@ async fn one_slow_dashboard_among_100(io: &'static str) {
         1,
         "{io}: one slow consumer"
     );
+    let counted = gw
+        .metric_at_least("arcgate_slow_consumer_closes_total", 1.0)
+        .await;
+    assert_eq!(counted, 1.0, "{io}: slow consumers in /metrics");
     eprintln!(
         "{io}: {EVENTS} events in {sent_in:?} to {DASHBOARDS} dashboards; the slow one got \
          {} + {} large before 1013; RSS {baseline} KiB before, peak {peak} KiB",
