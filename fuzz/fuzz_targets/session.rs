@@ -226,6 +226,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         let ctx = |now: Instant| Ctx {
             limits: &f.limits,
             verifier: &f.verifier,
+            observer: &(),
             now,
             unix_ms: UNIX0 + now.duration_since(t0).as_millis() as u64,
         };
