@@ -5,68 +5,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::FromRawFd;
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn set_int(
-    fd: libc::c_int,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `val` outlives the call and the length matches its type.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// A socket address in the C layout.
-fn raw_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is a valid value of the type.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
+use arcgate::io::listener::{check, set_opt, sockaddr};
 
 /// Starts a non-blocking connect to `dst`, bound first to `src` (port chosen at connect
 /// time: IP_BIND_ADDRESS_NO_PORT) when given and of the same family.
@@ -86,14 +25,14 @@ pub fn connect(src: Option<Ipv4Addr>, dst: SocketAddr) -> io::Result<mio::net::T
     })?;
     // SAFETY: `fd` is a fresh socket nobody else owns; the stream closes it on drop.
     let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    set_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     if let (Some(src), true) = (src, dst.is_ipv4()) {
-        set_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-        let (addr, len) = raw_addr(SocketAddr::new(src.into(), 0));
+        set_opt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
+        let (addr, len) = sockaddr(SocketAddr::new(src.into(), 0));
         // SAFETY: `addr` holds a sockaddr_in of `len` bytes.
         check(unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_storage).cast(), len) })?;
     }
-    let (addr, len) = raw_addr(dst);
+    let (addr, len) = sockaddr(dst);
     // SAFETY: `addr` holds a sockaddr of `len` bytes.
     let ret = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_storage).cast(), len) };
     if ret < 0 {

@@ -8,7 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// Backlog of the listening sockets: room for a reconnect storm to queue in the kernel.
 const BACKLOG: i32 = 4096;
 
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+/// A libc return code as a result (negative: the last OS error).
+pub fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -16,7 +17,8 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn set_opt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+/// Sets an integer socket option.
+pub fn set_opt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int of the right size.
     check(unsafe {
         libc::setsockopt(
@@ -58,7 +60,8 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from(owned))
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+/// A socket address in the C layout, with its length.
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
