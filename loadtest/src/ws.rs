@@ -1,6 +1,6 @@
 //! The client side of the WebSocket upgrade and of frame writing (masked frames, RFC 6455 §5.3).
 
-use arcgate::protocol::codec::{apply_mask, OP_CLOSE};
+use arcgate::protocol::codec::OP_CLOSE;
 
 use crate::util::Rng;
 
@@ -95,21 +95,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Upgrade {
 
 /// Appends one masked client frame (FIN set) carrying `payload`.
 pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    out.push(0x80 | (opcode & 0x0F));
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if let Ok(short) = u16::try_from(len) {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&short.to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    apply_mask(&mut out[start..], mask);
+    arcgate::protocol::codec::push_client_frame(out, true, opcode, payload, mask);
 }
 
 /// Appends a masked close frame with `code`.

@@ -521,6 +521,12 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 /// A masked client frame, as a client sends it (for tests, benches and load generators).
 pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAX_CLIENT_HEADER + payload.len());
+    push_client_frame(&mut out, fin, opcode, payload, mask);
+    out
+}
+
+/// Appends a masked client frame to `out`.
+pub fn push_client_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(if fin { 0x80 } else { 0 } | (opcode & 0x0F));
     let len = payload.len();
     if len < 126 {
@@ -536,7 +542,6 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec
     let start = out.len();
     out.extend_from_slice(payload);
     apply_mask(&mut out[start..], mask);
-    out
 }
 
 #[cfg(test)]
