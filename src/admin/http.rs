@@ -79,7 +79,11 @@ impl Response {
     /// The bytes on the wire; `head_only` for HEAD requests.
     pub fn to_bytes(&self, keep_alive: bool, head_only: bool) -> Vec<u8> {
         use std::fmt::Write as _;
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\n",
+            self.status,
+            crate::protocol::handshake::reason_phrase(self.status)
+        );
         if !self.content_type.is_empty() {
             let _ = write!(head, "Content-Type: {}\r\n", self.content_type);
         }
@@ -99,29 +103,6 @@ impl Response {
             out.extend_from_slice(&self.body);
         }
         out
-    }
-}
-
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Unknown",
     }
 }
 
