@@ -123,44 +123,18 @@ impl Gateway {
         for _ in 0..3 {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut child = Command::new(env!("CARGO_BIN_EXE_arcgate"))
-                .arg("serve")
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_arcgate"));
+            cmd.arg("serve")
                 .args(["--listen", &addr.to_string()])
                 .args(["--admin-listen", &admin.to_string()])
                 .args(["--jwt-secret", SECRET])
                 .args(["--io", io, "--workers", "2", "--log-level", "debug"])
-                .args(extra)
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn arcgate");
-            let log = Arc::new(Mutex::new(String::new()));
-            let readers = vec![
-                capture(child.stdout.take().unwrap(), log.clone()),
-                capture(child.stderr.take().unwrap(), log.clone()),
-            ];
-            let mut gw = Gateway {
-                child,
-                io,
-                addr,
-                admin,
-                log,
-                readers,
-                exit_expected: false,
-            };
-            if gw.wait_ready().await {
-                return gw;
+                .args(extra);
+            match Gateway::launch(io, cmd, addr, admin).await {
+                Ok(gw) => return gw,
+                // Exited before it answered (a port taken in between?): try fresh ports.
+                Err(log) => last_log = log,
             }
-            // Exited before it answered (a port taken in between?): try fresh ports.
-            let _ = gw.child.wait();
-            for r in gw.readers.drain(..) {
-                let _ = r.join();
-            }
-            last_log = gw.log();
-            // Its checks on drop are for a gateway that ran; this one never did.
-            std::mem::forget(gw);
             if !last_log.to_lowercase().contains("in use") {
                 break;
             }
@@ -172,10 +146,22 @@ impl Gateway {
     /// `admin`, however it gets them) and returns once `/readyz` answers 200.
     pub async fn spawn(
         io: &'static str,
-        mut cmd: Command,
+        cmd: Command,
         addr: SocketAddr,
         admin: SocketAddr,
     ) -> Gateway {
+        Gateway::launch(io, cmd, addr, admin)
+            .await
+            .unwrap_or_else(|log| panic!("arcgate did not become healthy; its output:\n{log}"))
+    }
+
+    /// Starts `cmd` and waits for `/readyz`; on failure, its output once it has exited.
+    async fn launch(
+        io: &'static str,
+        mut cmd: Command,
+        addr: SocketAddr,
+        admin: SocketAddr,
+    ) -> Result<Gateway, String> {
         let mut child = cmd
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -197,16 +183,17 @@ impl Gateway {
             readers,
             exit_expected: false,
         };
-        if !gw.wait_ready().await {
-            let _ = gw.child.wait();
-            for r in gw.readers.drain(..) {
-                let _ = r.join();
-            }
-            let log = gw.log();
-            std::mem::forget(gw);
-            panic!("arcgate did not become healthy; its output:\n{log}");
+        if gw.wait_ready().await {
+            return Ok(gw);
         }
-        gw
+        let _ = gw.child.wait();
+        for r in gw.readers.drain(..) {
+            let _ = r.join();
+        }
+        let log = gw.log();
+        // Its checks on drop are for a gateway that ran; this one never did.
+        std::mem::forget(gw);
+        Err(log)
     }
 
     /// A command line for `arcgate serve` on fresh ports with the `io` backend and two
