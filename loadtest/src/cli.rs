@@ -131,6 +131,9 @@ pub struct SteadyArgs {
     /// Commands per second from the service client (0: no service client)
     #[arg(long, default_value_t = 1.0)]
     pub command_rate: f64,
+    /// Agent connections per second dropped and reopened after a backoff, across the fleet
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -272,6 +275,7 @@ fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
         status_rate: 0.0,
         player_rate: 0.0,
         command_rate: 0.0,
+        churn_rate: 0.0,
         command_latency_ms: ms(c.command_latency),
         flat_out: None,
         in_flight: 32,
@@ -309,6 +313,7 @@ impl Command {
                 p.status_rate = a.status_rate.max(0.0);
                 p.player_rate = a.player_rate.max(0.0);
                 p.command_rate = a.command_rate.max(0.0);
+                p.churn_rate = a.churn.max(0.0);
                 p.service = p.command_rate > 0.0;
                 (p, &a.common, None)
             }

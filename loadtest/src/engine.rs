@@ -29,6 +29,8 @@ const BACKOFF_MAX_MS: u64 = 30_000;
 const QUIET_NS: u64 = 300 * MS;
 /// The cause recorded when the storm drops a connection on purpose (not an error).
 const STORM_DROP: &str = "storm_drop";
+/// The cause recorded when churn drops a connection on purpose (not an error).
+const CHURN_DROP: &str = "churn_drop";
 /// Unsent bytes one connection may hold before it is given up.
 const MAX_BACKLOG: usize = 8 << 20;
 /// How often the coordinator hears from a worker.
@@ -238,6 +240,7 @@ pub struct Engine {
     pace_status: Pace,
     pace_player: Pace,
     pace_command: Pace,
+    pace_churn: Pace,
     ready: [u64; 3],
     stopped: [u64; 3],
     attempting: u32,
@@ -330,6 +333,7 @@ impl Engine {
             } else {
                 0.0
             }),
+            pace_churn: Pace::new(plan.rate_share(plan.churn_rate)),
             ready: [0; 3],
             stopped: [0; 3],
             attempting: 0,
@@ -408,7 +412,12 @@ impl Engine {
         if let Some(Reverse((t, ..))) = self.timers.peek() {
             at = at.min(*t);
         }
-        for pace in [&self.pace_status, &self.pace_player, &self.pace_command] {
+        for pace in [
+            &self.pace_status,
+            &self.pace_player,
+            &self.pace_command,
+            &self.pace_churn,
+        ] {
             if let Some(t) = pace.next_at() {
                 at = at.min(t);
             }
@@ -537,6 +546,7 @@ impl Engine {
             &mut self.pace_status,
             &mut self.pace_player,
             &mut self.pace_command,
+            &mut self.pace_churn,
         ] {
             pace.start = self.t0.max(1);
         }
@@ -559,6 +569,7 @@ impl Engine {
             &mut self.pace_status,
             &mut self.pace_player,
             &mut self.pace_command,
+            &mut self.pace_churn,
         ] {
             pace.per_s = 0.0;
         }
@@ -603,6 +614,15 @@ impl Engine {
         self.pace_command.done += n;
         for _ in 0..n {
             self.command(now);
+        }
+        let n = self.pace_churn.due(now).min(100_000);
+        self.pace_churn.done += n;
+        for _ in 0..n {
+            if let Some(i) = self.random_agent() {
+                if self.conns[i].state == State::Ready {
+                    self.drop_conn(i, CHURN_DROP, None, now);
+                }
+            }
         }
     }
 
@@ -1038,7 +1058,7 @@ impl Engine {
         conn.pings.clear();
         if was == State::Ready {
             self.c.inc(C::Disconnects);
-            if cause == STORM_DROP {
+            if cause == STORM_DROP || cause == CHURN_DROP {
                 self.c.inc(C::SelfDrops);
             }
             stats::tally(&mut self.disconnects, cause);

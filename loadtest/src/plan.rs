@@ -106,6 +106,8 @@ pub struct Plan {
     pub player_rate: f64,
     /// Commands per second issued by the service clients together.
     pub command_rate: f64,
+    /// Agent connections dropped and reopened per second across the fleet (reconnect churn).
+    pub churn_rate: f64,
     pub command_latency_ms: u64,
     /// Flat-out sending: which event each agent sends, with `in_flight` unacknowledged at most.
     pub flat_out: Option<FlatOut>,

@@ -48,7 +48,7 @@ counters! {
     Foreign => "foreign_events",
     TokenExpiring => "token_expiring",
     Other => "other_events",
-    SelfDrops => "storm_drops",
+    SelfDrops => "self_drops",
 }
 
 pub const N: usize = NAMES.len();
@@ -96,7 +96,7 @@ impl Counters {
 }
 
 /// Errors as the status line and the report count them: error events, failed attempts
-/// and lost connections, except those the storm dropped on purpose.
+/// and lost connections, except those a storm or churn dropped on purpose.
 pub fn errors(c: &Counters) -> u64 {
     (c.get(C::ErrorEvents) + c.get(C::ConnectFailures) + c.get(C::Disconnects))
         .saturating_sub(c.get(C::SelfDrops))

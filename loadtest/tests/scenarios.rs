@@ -207,6 +207,36 @@ fn steady_runs_a_realistic_fleet() {
 }
 
 #[test]
+fn churn_drops_and_reopens_agents_without_errors() {
+    let gw = Gateway::start(&[]);
+    let r = load(
+        "churn",
+        &gw.url(),
+        SECRET,
+        &[
+            "steady",
+            "--agents",
+            "20",
+            "--clients",
+            "2",
+            "--command-rate",
+            "0",
+            "--churn",
+            "10",
+            "--duration",
+            "3s",
+        ],
+    )
+    .report;
+    let dropped = n(&r, "/errors/disconnects_by_cause/churn_drop");
+    assert!(dropped >= 10, "{}", r["errors"]);
+    assert_eq!(n(&r, "/totals/self_drops"), dropped);
+    // Every drop is followed by a new connection that authenticates (backoff ≤ 1 s).
+    assert!(n(&r, "/totals/authenticated") >= 22 + dropped / 2);
+    assert_eq!(n(&r, "/errors/total"), 0);
+}
+
+#[test]
 fn flood_measures_inbound_capacity() {
     let gw = Gateway::start(&["--rate-limit", "0"]);
     let r = load(
