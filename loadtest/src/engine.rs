@@ -703,7 +703,14 @@ impl Engine {
     fn on_event(&mut self, i: usize, writable: bool, read_closed: bool, rbuf: &mut [u8]) {
         let now = mono_ns();
         match self.conns[i].state {
-            State::Connecting => self.on_connecting(i, now),
+            State::Connecting => {
+                self.on_connecting(i, now);
+                // A gateway that refuses at once (503) may have answered and closed
+                // before this first event: its edge is gone, so read now.
+                if self.conns[i].state == State::Upgrading {
+                    self.read_all(i, rbuf, read_closed);
+                }
+            }
             State::Upgrading | State::Authing | State::Ready => {
                 if writable {
                     self.flush(i, now);

@@ -502,3 +502,33 @@ fn refusals_with_retry_after_are_counted_and_honoured() {
         .any(|w| w.as_str().unwrap_or("").contains("503"));
     assert!(warned, "{}", r["warnings"]);
 }
+
+#[test]
+fn refusals_sent_before_the_request_are_read_and_retried() {
+    // Four pending handshakes (one worker): most of a burst is answered 503 right at accept,
+    // often before the client's first event; each must be counted and retried, not lost.
+    let gw = Gateway::start(&["--max-pending-handshakes", "4"]);
+    let r = load(
+        "refused-at-accept",
+        &gw.url(),
+        SECRET,
+        &[
+            "connect",
+            "--agents",
+            "300",
+            "--concurrency",
+            "300",
+            "--duration",
+            "500ms",
+            "--timeout",
+            "3s",
+            "--setup-timeout",
+            "40s",
+        ],
+    )
+    .report;
+    let failures = &r["errors"]["connect_failures_by_cause"];
+    assert!(n(failures, "/http_503") >= 1, "{failures}");
+    assert!(failures.get("timeout").is_none(), "{failures}");
+    assert_eq!(n(&r, "/connections/agents/ready_at_end"), 300);
+}
