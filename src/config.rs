@@ -99,7 +99,7 @@ impl Default for Config {
             max_connections: None,
             max_connection_rate: 0,
             max_outbound_bytes: 1 << 20,
-            max_pending_handshakes: 1024,
+            max_pending_handshakes: 8192,
             max_header_bytes: 8 << 10,
             allowed_origins: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -1266,7 +1266,7 @@ mod tests {
         let c = load("16", "16KiB").unwrap();
         assert_eq!((c.max_pending_handshakes, c.max_header_bytes), (16, 16384));
         let d = Config::load(with_secret()).unwrap();
-        assert_eq!((d.max_pending_handshakes, d.max_header_bytes), (1024, 8192));
+        assert_eq!((d.max_pending_handshakes, d.max_header_bytes), (8192, 8192));
         let errs = load("0", "512").unwrap_err().0;
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs[0].contains("max_pending_handshakes: expected at least 1"));
