@@ -15,7 +15,7 @@ use dashmap::DashMap;
 use indexmap::{IndexMap, IndexSet};
 
 use crate::auth::{Identity, Role};
-use crate::io::conns::Queued;
+use crate::io::conns::{ConnMap, Queued};
 use crate::io::{ConnId, Conns, Notifier};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::protocol::envelope::{self, ErrorCode};
@@ -163,7 +163,6 @@ pub struct AgentLoc {
     pub worker: u16,
     pub conn: ConnId,
     pub cluster: Arc<str>,
-    pub version: Box<str>,
 }
 
 /// State every worker shares.
@@ -230,6 +229,13 @@ struct AgentState {
     cluster: Arc<str>,
     version: Box<str>,
     connected_at: u64,
+    /// Allocated at the first report: an agent that has sent none holds no buffers.
+    reports: Option<Box<Reports>>,
+}
+
+/// The latest reports of one agent.
+#[derive(Debug, Default)]
+struct Reports {
     last_heartbeat: Option<u64>,
     /// JSON object texts; empty until reported. Buffers are reused between reports.
     heartbeat: Vec<u8>,
@@ -242,20 +248,24 @@ impl AgentState {
     fn info(&self, detail: bool) -> MachineInfo {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let opt = |b: &[u8]| (!b.is_empty()).then(|| text(b));
+        let none = Reports::default();
+        let r = self.reports.as_deref().unwrap_or(&none);
         MachineInfo {
             machine_id: self.machine_id.clone(),
             cluster_id: self.cluster.clone(),
             version: self.version.clone(),
             connected_at: self.connected_at,
-            last_heartbeat: self.last_heartbeat,
+            last_heartbeat: r.last_heartbeat,
             detail: detail.then(|| MachineDetail {
-                heartbeat: opt(&self.heartbeat),
-                metrics: opt(&self.metrics),
-                servers: self.servers.values().map(|v| text(v)).collect(),
+                heartbeat: opt(&r.heartbeat),
+                metrics: opt(&r.metrics),
+                servers: r.servers.values().map(|v| text(v)).collect(),
             }),
         }
     }
+}
 
+impl Reports {
     /// Keeps the latest `server:status` of `server_id` within the per-machine bounds.
     fn record_server(&mut self, server_id: &str, data: &str) {
         let old = self.servers.get(server_id).map_or(0, Vec::len);
@@ -304,7 +314,10 @@ pub struct Hub {
     pending: HashMap<u64, Pending>,
     next_seq: u64,
     outstanding: HashMap<ConnId, Vec<Outstanding>>,
-    agents: HashMap<ConnId, AgentState>,
+    agents: ConnMap<AgentState>,
+    /// The clusters of this worker's agents, one shared copy each, with how many agents
+    /// hold it (forgotten with the last one).
+    clusters: HashMap<Arc<str>, usize>,
     pub command_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Connections whose outbound queue overflowed: the worker closes them with 1013.
@@ -329,7 +342,8 @@ impl Hub {
             pending: HashMap::new(),
             next_seq: 0,
             outstanding: HashMap::new(),
-            agents: HashMap::new(),
+            agents: ConnMap::default(),
+            clusters: HashMap::new(),
             command_timeout,
             overflowed: Vec::new(),
             closes: Vec::new(),
@@ -365,12 +379,11 @@ impl Hub {
     ) {
         match who.role {
             Role::Agent => {
-                let cluster: Arc<str> = Arc::from(who.cluster.as_deref().unwrap_or_default());
+                let cluster = self.intern_cluster(who.cluster.as_deref().unwrap_or_default());
                 let loc = AgentLoc {
                     worker: self.index,
                     conn: id,
                     cluster: cluster.clone(),
-                    version: version.into(),
                 };
                 self.agents.insert(
                     id,
@@ -379,11 +392,7 @@ impl Hub {
                         cluster: cluster.clone(),
                         version: version.into(),
                         connected_at: ts,
-                        last_heartbeat: None,
-                        heartbeat: Vec::new(),
-                        metrics: Vec::new(),
-                        servers: IndexMap::new(),
-                        server_bytes: 0,
+                        reports: None,
                     },
                 );
                 if let Some(old) = self.shared.machines.insert(who.sub.clone(), loc) {
@@ -433,17 +442,20 @@ impl Hub {
                     .shared
                     .machines
                     .remove_if(&who.sub, |_, loc| loc.worker == index && loc.conn == id);
-                if let Some((_, loc)) = removed {
+                let agent = self.agents.remove(id);
+                if let (Some((_, loc)), Some(agent)) = (removed, &agent) {
                     let frame = envelope::machine_presence(
                         "machine:offline",
                         &who.sub,
                         &loc.cluster,
-                        &loc.version,
+                        &agent.version,
                         ts,
                     );
                     self.fan_out(conns, loc.cluster, frame, false);
                 }
-                self.agents.remove(&id);
+                if let Some(agent) = agent {
+                    self.release_cluster(agent.cluster);
+                }
                 for o in self.outstanding.remove(&id).unwrap_or_default() {
                     self.result(conns, o.from, o.seq, Err(Failure::Disconnected), ts);
                 }
@@ -492,9 +504,10 @@ impl Hub {
     /// Keeps what a local agent reported: its heartbeat, metrics snapshot and each
     /// server's status (`event` is the relayed name).
     pub fn record(&mut self, id: ConnId, event: &str, data: &str, ts: u64) {
-        let Some(agent) = self.agents.get_mut(&id) else {
+        let Some(agent) = self.agents.get_mut(id) else {
             return;
         };
+        let agent = agent.reports.get_or_insert_with(Box::default);
         match event {
             "heartbeat" => {
                 agent.last_heartbeat = Some(ts);
@@ -508,6 +521,26 @@ impl Hub {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The shared copy of a cluster id, for one more agent.
+    fn intern_cluster(&mut self, cluster: &str) -> Arc<str> {
+        let c = match self.clusters.get_key_value(cluster) {
+            Some((c, _)) => c.clone(),
+            None => Arc::from(cluster),
+        };
+        *self.clusters.entry(c.clone()).or_insert(0) += 1;
+        c
+    }
+
+    /// One agent fewer holds `cluster`.
+    fn release_cluster(&mut self, cluster: Arc<str>) {
+        if let Some(agents) = self.clusters.get_mut(&cluster) {
+            *agents -= 1;
+            if *agents == 0 {
+                self.clusters.remove(&cluster);
+            }
         }
     }
 
@@ -809,7 +842,7 @@ impl Hub {
                 let list = self
                     .agents
                     .iter()
-                    .filter(|(&id, a)| live(a, id))
+                    .filter(|&(id, a)| live(a, id))
                     .map(|(_, a)| a.info(false))
                     .collect();
                 let _ = reply.send(list);
@@ -818,7 +851,7 @@ impl Hub {
                 let loc = self.shared.machines.get(&machine_id).map(|l| l.clone());
                 let info = loc
                     .filter(|l| l.worker == self.index)
-                    .and_then(|l| self.agents.get(&l.conn))
+                    .and_then(|l| self.agents.get(l.conn))
                     .map(|a| a.info(true));
                 let _ = reply.send(info);
             }

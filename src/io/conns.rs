@@ -27,6 +27,66 @@ impl ConnId {
     }
 }
 
+/// Values kept per connection, indexed by slot: no hashing, and no table slack since
+/// slots are reused densely. Each value is boxed so that slots of other connections
+/// (clients of a table of agents) cost one pointer.
+#[derive(Debug)]
+pub struct ConnMap<T> {
+    slots: Vec<Option<(u32, Box<T>)>>,
+}
+
+impl<T> Default for ConnMap<T> {
+    fn default() -> Self {
+        ConnMap { slots: Vec::new() }
+    }
+}
+
+impl<T> ConnMap<T> {
+    pub fn insert(&mut self, id: ConnId, value: T) {
+        let slot = id.slot as usize;
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, || None);
+        }
+        self.slots[slot] = Some((id.gen, Box::new(value)));
+    }
+
+    pub fn remove(&mut self, id: ConnId) -> Option<T> {
+        let entry = self.slots.get_mut(id.slot as usize)?;
+        match entry {
+            Some((gen, _)) if *gen == id.gen => entry.take().map(|(_, v)| *v),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&T> {
+        match self.slots.get(id.slot as usize)? {
+            Some((gen, v)) if *gen == id.gen => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
+        match self.slots.get_mut(id.slot as usize)? {
+            Some((gen, v)) if *gen == id.gen => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (ConnId, &T)> {
+        self.slots.iter().enumerate().filter_map(|(slot, e)| {
+            e.as_ref().map(|(gen, v)| {
+                (
+                    ConnId {
+                        slot: slot as u32,
+                        gen: *gen,
+                    },
+                    &**v,
+                )
+            })
+        })
+    }
+}
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {

@@ -26,6 +26,9 @@ const OP_WAKE: u8 = 7;
 const BUF_GROUP: u16 = 0;
 const BUF_COUNT: u16 = 1024;
 const BUF_SIZE: usize = 2048;
+/// Buffers put in circulation at first and each time the ring runs dry: memory is
+/// touched (and counts in RSS) only up to the largest burst seen, not all of BUF_COUNT.
+const BUF_STEP: u16 = 64;
 const MAX_IOVECS: usize = 64;
 /// Idle send descriptors kept for reuse; a burst needing more allocates and frees them.
 const SEND_POOL: usize = 256;
@@ -68,6 +71,10 @@ struct BufRing {
     ring_layout: Layout,
     mem: Vec<u8>,
     tail: u16,
+    /// Buffers in circulation (ids `0..provided`).
+    provided: u16,
+    /// A receive found no buffer since the last `publish`.
+    starved: bool,
 }
 
 impl BufRing {
@@ -87,6 +94,8 @@ impl BufRing {
             ring_layout,
             mem: vec![0; usize::from(BUF_COUNT) * BUF_SIZE],
             tail: 0,
+            provided: 0,
+            starved: false,
         };
         // SAFETY: the ring memory lives as long as `br`, which outlives the registration
         // (the uring is dropped first, see UringLoop's field order).
@@ -95,11 +104,18 @@ impl BufRing {
                 .submitter()
                 .register_buf_ring_with_flags(ring as u64, BUF_COUNT, BUF_GROUP, 0)?;
         }
-        for bid in 0..BUF_COUNT {
-            br.push(bid);
-        }
+        br.grow();
         br.publish();
         Ok(br)
+    }
+
+    /// Puts `BUF_STEP` more buffers in circulation (published with the next `publish`).
+    fn grow(&mut self) {
+        let more = BUF_STEP.min(BUF_COUNT - self.provided);
+        for bid in self.provided..self.provided + more {
+            self.push(bid);
+        }
+        self.provided += more;
     }
 
     fn push(&mut self, bid: u16) {
@@ -112,7 +128,12 @@ impl BufRing {
         self.tail = self.tail.wrapping_add(1);
     }
 
-    fn publish(&self) {
+    /// Hands the returned buffers back to the kernel, with one more step of them if a
+    /// receive went without since the last time.
+    fn publish(&mut self) {
+        if std::mem::take(&mut self.starved) {
+            self.grow();
+        }
         // SAFETY: the tail field lives in the first entry, which the kernel reads atomically.
         let tail = unsafe { &*(BufRingEntry::tail(self.ring) as *const AtomicU16) };
         tail.store(self.tail, Ordering::Release);
@@ -389,7 +410,9 @@ impl UringLoop {
             if let (State::Open, Some(bid)) = (state, bid) {
                 handler.on_data(conns, id, self.bufs.buf(bid, res as usize), now);
             }
-        } else if res != -libc::ENOBUFS {
+        } else if res == -libc::ENOBUFS {
+            self.bufs.starved = true;
+        } else {
             // End of stream, a socket error, or a cancellation.
             self.teardown(conns, id);
             return;
