@@ -2,7 +2,7 @@
 # A long run of a realistic fleet against one gateway, sampling its RSS: the leak check of
 # docs/benchmarks.md. Prints the RSS after the warm-up, at the end and the growth between.
 #   scripts/soak.sh OUT_DIR [DURATION_S] [WARMUP_S]   (env: ARCGATE, ARCGATE_LOAD, PORT, ADMIN,
-#   AGENTS, PROCS, SOURCES, GATEWAY_ARGS; build first: cargo build --release --workspace)
+#   AGENTS, PROCS, SOURCES, STATUS_RATE, GATEWAY_ARGS; build first: cargo build --release --workspace)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/soak.sh OUT_DIR [DURATION_S] [WARMUP_S]}
@@ -23,9 +23,12 @@ trap 'kill -9 $gp 2>/dev/null || true' EXIT
 sleep 0.5
 # A fleet at realistic rates: heartbeats every 30 s, metrics every minute, status changes,
 # players, commands, 100 dashboards, and every agent reconnecting about once an hour.
+# The gateway keeps each server's latest status: a status rate high enough to have seen
+# every server during the warm-up (STATUS_RATE=400 for 19,000 agents) separates that
+# stored state from a leak.
 "$L" steady --url ws://127.0.0.1:$PORT --secret "$S" --gateway-pid $gp --quiet \
   --agents "$AGENTS" --clients 100 --heartbeat-interval 30s --metrics-interval 60s \
-  --status-rate 10 --player-rate 2 --command-rate 1 --churn "$((AGENTS / 3600 + 1))" \
+  --status-rate "${STATUS_RATE:-10}" --player-rate 2 --command-rate 1 --churn "$((AGENTS / 3600 + 1))" \
   --procs "${PROCS:-2}" --sources "${SOURCES:-127.0.0.1-127.0.0.4}" --duration "${DURATION}s" \
   --json "$OUT/report.json" > "$OUT/load.txt" 2>&1 &
 lp=$!
