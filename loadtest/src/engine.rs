@@ -618,8 +618,11 @@ impl Engine {
         let n = self.pace_churn.due(now).min(100_000);
         self.pace_churn.done += n;
         for _ in 0..n {
+            // Only a connection with nothing left to write: what is still in its buffer
+            // was counted as sent, and dropping it would count as lost by the gateway.
             if let Some(i) = self.random_agent() {
-                if self.conns[i].state == State::Ready {
+                let c = &self.conns[i];
+                if c.state == State::Ready && c.wpos >= c.wbuf.len() {
                     self.drop_conn(i, CHURN_DROP, None, now);
                 }
             }

@@ -221,8 +221,10 @@ fn churn_drops_and_reopens_agents_without_errors() {
             "2",
             "--command-rate",
             "0",
+            "--status-rate",
+            "200",
             "--churn",
-            "10",
+            "20",
             "--duration",
             "3s",
         ],
@@ -234,6 +236,7 @@ fn churn_drops_and_reopens_agents_without_errors() {
     // Every drop is followed by a new connection that authenticates (backoff ≤ 1 s).
     assert!(n(&r, "/totals/authenticated") >= 22 + dropped / 2);
     assert_eq!(n(&r, "/errors/total"), 0);
+    assert_eq!(n(&r, "/lost"), 0);
 }
 
 #[test]
