@@ -446,6 +446,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn conn_map_answers_only_for_the_same_generation() {
+        let mut m = ConnMap::default();
+        let a = ConnId { slot: 3, gen: 1 };
+        let reused = ConnId { slot: 3, gen: 2 };
+        m.insert(a, "a");
+        assert_eq!(m.get(a), Some(&"a"));
+        assert_eq!(m.get(reused), None);
+        assert_eq!(m.get(ConnId { slot: 9, gen: 1 }), None);
+        assert_eq!(m.remove(reused), None);
+        *m.get_mut(a).unwrap() = "b";
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(a, &"b")]);
+        assert_eq!(m.remove(a), Some("b"));
+        assert_eq!(m.get(a), None);
+        m.insert(reused, "c");
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(reused, &"c")]);
+    }
+
+    #[test]
     fn queue_advances_across_frames_and_frees_memory() {
         let mut q = OutQueue::default();
         q.push(Bytes::from_static(b"abc"));
