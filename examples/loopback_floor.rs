@@ -1,7 +1,7 @@
 //! This machine's floor for fan-out over loopback TCP, with no gateway at all: what one
 //! small `write` costs its sender in CPU, and how long a burst of one frame to each of N
-//! sockets takes until a single reader has read them all. Senders are threads pinned
-//! like the gateway's workers; the reader plays the load generator.
+//! sockets takes until a single reader has read them all. The sender threads stand for
+//! the gateway's workers, the reader for the load generator.
 //!   cargo run --release --example loopback_floor -- --sockets 1000 --rate 30
 
 use std::io::{ErrorKind, Read, Write};
@@ -96,15 +96,15 @@ fn main() -> std::io::Result<()> {
 
     // Each sender writes one frame to each of its sockets when the burst starts.
     let frame = vec![b'x'; args.frame];
-    let share = args.sockets.div_ceil(args.senders);
+    let share = args.sockets.div_ceil(args.senders.max(1)).max(1);
     let mut go = Vec::new();
     let mut senders = Vec::new();
-    let mut chunks = Vec::new();
-    while !writers.is_empty() {
-        let rest = writers.split_off(share.min(writers.len()));
-        chunks.push(std::mem::replace(&mut writers, rest));
-    }
-    for mut socks in chunks {
+    let mut writers = writers.into_iter();
+    loop {
+        let mut socks: Vec<TcpStream> = writers.by_ref().take(share).collect();
+        if socks.is_empty() {
+            break;
+        }
         let (tx, rx) = mpsc::channel::<()>();
         go.push(tx);
         let frame = frame.clone();

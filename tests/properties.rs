@@ -3,8 +3,8 @@
 //! envelope parser and the data checks never panic on arbitrary bytes.
 
 use arcgate::protocol::codec::{
-    self, client_frame, CloseReason, Decoder, Flow, Message, OP_BINARY, OP_CLOSE, OP_CONTINUATION,
-    OP_PING, OP_PONG, OP_TEXT,
+    self, client_frame, CloseReason, Decoder, Flow, Message, OwnedMessage as Msg, OP_BINARY,
+    OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
 };
 use arcgate::protocol::envelope;
 use proptest::prelude::*;
@@ -12,26 +12,6 @@ use serde_json::{json, Value};
 
 /// Above 64 KiB, so that payloads with 64-bit lengths are valid.
 const MAX: usize = 1 << 17;
-
-/// A message as the application sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Msg {
-    Text(String),
-    Binary(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>, String),
-}
-
-fn own(m: Message<'_>) -> Msg {
-    match m {
-        Message::Text(t) => Msg::Text(t.to_owned()),
-        Message::Binary(b) => Msg::Binary(b.to_vec()),
-        Message::Ping(p) => Msg::Ping(p.to_vec()),
-        Message::Pong(p) => Msg::Pong(p.to_vec()),
-        Message::Close(c, r) => Msg::Close(c, r.to_owned()),
-    }
-}
 
 fn control_payload() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..=125)
@@ -97,7 +77,7 @@ fn decode(bytes: &[u8], cuts: &[usize], decoder: &mut Decoder) -> (Vec<Msg>, Opt
         let mut chunk = bytes[from..to].to_vec();
         from = to;
         if let Err(e) = decoder.decode(&mut chunk, |m| {
-            seen.push(own(m));
+            seen.push(m.to_owned_message());
             Flow::Continue
         }) {
             return (seen, Some(e));

@@ -4,30 +4,13 @@
 //! fragmented and subtly broken frames are all reached.
 #![no_main]
 
-use arcgate::protocol::codec::{client_frame, CloseReason, Decoder, Flow, Message};
+use arcgate::protocol::codec::{
+    client_frame, CloseReason, Decoder, Flow, Message, OwnedMessage as Owned,
+};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_MESSAGE: usize = 4096;
-
-#[derive(Debug, PartialEq, Eq)]
-enum Owned {
-    Text(String),
-    Binary(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>, String),
-}
-
-fn own(m: Message<'_>) -> Owned {
-    match m {
-        Message::Text(t) => Owned::Text(t.to_owned()),
-        Message::Binary(b) => Owned::Binary(b.to_vec()),
-        Message::Ping(p) => Owned::Ping(p.to_vec()),
-        Message::Pong(p) => Owned::Pong(p.to_vec()),
-        Message::Close(c, r) => Owned::Close(c, r.to_owned()),
-    }
-}
 
 /// A stream of frames: mostly well-formed, with room for every kind of mistake.
 fn frames(u: &mut Unstructured<'_>, client_role: bool) -> Result<Vec<u8>> {
@@ -73,7 +56,7 @@ fn run(stream: &[u8], cuts: &[usize], client_role: bool) -> (Vec<Owned>, Option<
         from = to;
         let result = d.decode(&mut chunk, |m| {
             let close = matches!(m, Message::Close(..));
-            seen.push(own(m));
+            seen.push(m.to_owned_message());
             if close {
                 Flow::Stop
             } else {

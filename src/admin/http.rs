@@ -5,6 +5,8 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::protocol::handshake;
+
 /// Largest request head.
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body.
@@ -67,7 +69,7 @@ impl Response {
 
     /// `{"error": CODE, "message": "…"}`.
     pub fn error(status: u16, message: &str) -> Response {
-        let body = serde_json::json!({"error": error_code(status), "message": message});
+        let body = serde_json::json!({"error": handshake::error_code(status), "message": message});
         Response::json(status, body.to_string())
     }
 
@@ -82,7 +84,7 @@ impl Response {
         let mut head = format!(
             "HTTP/1.1 {} {}\r\n",
             self.status,
-            crate::protocol::handshake::reason_phrase(self.status)
+            handshake::reason_phrase(self.status)
         );
         if !self.content_type.is_empty() {
             let _ = write!(head, "Content-Type: {}\r\n", self.content_type);
@@ -103,27 +105,6 @@ impl Response {
             out.extend_from_slice(&self.body);
         }
         out
-    }
-}
-
-/// The `error` code of a JSON error body.
-pub fn error_code(status: u16) -> &'static str {
-    match status {
-        400 => "BAD_REQUEST",
-        401 => "UNAUTHORIZED",
-        403 => "FORBIDDEN",
-        404 => "NOT_FOUND",
-        405 => "METHOD_NOT_ALLOWED",
-        408 => "REQUEST_TIMEOUT",
-        411 => "LENGTH_REQUIRED",
-        413 => "PAYLOAD_TOO_LARGE",
-        422 => "UNPROCESSABLE_ENTITY",
-        431 => "HEADERS_TOO_LARGE",
-        500 => "INTERNAL_ERROR",
-        502 => "BAD_GATEWAY",
-        503 => "UNAVAILABLE",
-        504 => "TIMEOUT",
-        _ => "ERROR",
     }
 }
 

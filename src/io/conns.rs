@@ -29,7 +29,7 @@ impl ConnId {
 
 /// Values kept per connection, indexed by slot: no hashing, and no table slack since
 /// slots are reused densely. Each value is boxed so that slots of other connections
-/// (clients of a table of agents) cost one pointer.
+/// (clients of a table of agents) cost two words.
 #[derive(Debug)]
 pub struct ConnMap<T> {
     slots: Vec<Option<(u32, Box<T>)>>,

@@ -67,6 +67,28 @@ pub enum Message<'a> {
     Close(Option<u16>, &'a str),
 }
 
+/// A decoded message that owns its payload, for keeping past the decoder's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedMessage {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(Option<u16>, String),
+}
+
+impl Message<'_> {
+    pub fn to_owned_message(&self) -> OwnedMessage {
+        match *self {
+            Message::Text(t) => OwnedMessage::Text(t.to_owned()),
+            Message::Binary(b) => OwnedMessage::Binary(b.to_vec()),
+            Message::Ping(b) => OwnedMessage::Ping(b.to_vec()),
+            Message::Pong(b) => OwnedMessage::Pong(b.to_vec()),
+            Message::Close(code, reason) => OwnedMessage::Close(code, reason.to_owned()),
+        }
+    }
+}
+
 /// Whether the decoder should go on with the rest of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -551,25 +573,7 @@ mod tests {
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
     const MAX: usize = 1 << 20;
 
-    /// An owned copy of a decoded message, to compare across decoder runs.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Owned {
-        Text(String),
-        Binary(Vec<u8>),
-        Ping(Vec<u8>),
-        Pong(Vec<u8>),
-        Close(Option<u16>, String),
-    }
-
-    fn own(message: Message<'_>) -> Owned {
-        match message {
-            Message::Text(t) => Owned::Text(t.to_owned()),
-            Message::Binary(b) => Owned::Binary(b.to_vec()),
-            Message::Ping(b) => Owned::Ping(b.to_vec()),
-            Message::Pong(b) => Owned::Pong(b.to_vec()),
-            Message::Close(code, reason) => Owned::Close(code, reason.to_owned()),
-        }
-    }
+    use OwnedMessage as Owned;
 
     /// Feeds `bytes` in pieces cut at `cuts` (ascending offsets); returns what was
     /// delivered and the first error, if any.
@@ -583,7 +587,7 @@ mod tests {
         for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
             let mut piece = bytes[start..end].to_vec();
             let result = d.decode(&mut piece, |m| {
-                out.push(own(m));
+                out.push(m.to_owned_message());
                 Flow::Continue
             });
             if result.is_err() {
@@ -940,7 +944,7 @@ mod tests {
         let mut d = Decoder::new(MAX);
         let mut seen = Vec::new();
         d.decode(&mut s, |m| {
-            seen.push(own(m));
+            seen.push(m.to_owned_message());
             Flow::Stop
         })
         .unwrap();
@@ -961,7 +965,7 @@ mod tests {
         rest.extend(masked(OP_TEXT, b"second"));
         let mut seen = Vec::new();
         d.decode(&mut rest, |m| {
-            seen.push(own(m));
+            seen.push(m.to_owned_message());
             Flow::Stop
         })
         .unwrap();

@@ -121,14 +121,8 @@ impl Gateway {
         let extra = &extra[..];
         let mut last_log = String::new();
         for _ in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_arcgate"));
-            cmd.arg("serve")
-                .args(["--listen", &addr.to_string()])
-                .args(["--admin-listen", &admin.to_string()])
-                .args(["--jwt-secret", SECRET])
-                .args(["--io", io, "--workers", "2", "--log-level", "debug"])
+            let (mut cmd, addr, admin) = Gateway::command(io);
+            cmd.args(["--jwt-secret", SECRET, "--log-level", "debug"])
                 .args(extra);
             match Gateway::launch(io, cmd, addr, admin).await {
                 Ok(gw) => return gw,
