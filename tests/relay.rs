@@ -14,6 +14,7 @@ both_backends!(
     heartbeat_and_metrics_go_to_services_only,
     player_events_and_notifications_are_relayed,
     messages_of_one_agent_arrive_in_order,
+    messages_larger_than_a_receive_buffer_arrive_whole,
     machine_online_and_offline,
     silent_agent_is_closed_4000_after_lease,
     messages_renew_the_agent_lease,
@@ -145,6 +146,35 @@ async fn messages_of_one_agent_arrive_in_order(io: &'static str) {
             assert_eq!(m["event"], event, "message {i}: {m}");
             assert_eq!(m["data"]["seq"], i, "message {i}: {m}");
         }
+    }
+}
+
+/// Messages sent back to back, most spanning several of the gateway's receive buffers
+/// and ending mid-buffer, each relayed byte for byte.
+async fn messages_larger_than_a_receive_buffer_arrive_whole(io: &'static str) {
+    // 1.2 MB are queued for the user before it reads: more than the default outbound limit.
+    let args = ["--rate-limit", "100000", "--rate-burst", "100000"];
+    let gw = Gateway::start(
+        io,
+        &[&args[..], &["--max-outbound-bytes", "4000000"]].concat(),
+    )
+    .await;
+    let (_service, mut user, _other, mut agent) = audience(&gw).await;
+    let blob = |i: usize| -> String {
+        let len = 1 + i * 3_989 % 40_000;
+        (0..len)
+            .map(|k| char::from(b'a' + ((i + k) % 26) as u8))
+            .collect()
+    };
+    for i in 0..60 {
+        agent
+            .send(json!({"event": "server:status", "data": {"serverId": "srv_big", "seq": i, "blob": blob(i)}}))
+            .await;
+    }
+    for i in 0..60 {
+        let m = user.recv_event("server:updated").await;
+        assert_eq!(m["data"]["seq"], i, "message {i}");
+        assert!(m["data"]["blob"] == blob(i), "message {i}: blob differs");
     }
 }
 

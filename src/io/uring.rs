@@ -1,5 +1,5 @@
-//! The io_uring loop: multishot accept into direct descriptors, multishot recv from a
-//! provided-buffer ring, one corked `sendmsg` per dirty connection per turn.
+//! The io_uring loop: multishot accept into direct descriptors, multishot bundle recv
+//! from a provided-buffer ring, one corked `sendmsg` per dirty connection per turn.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
@@ -70,6 +70,10 @@ struct BufRing {
     ring: *mut BufRingEntry,
     ring_layout: Layout,
     mem: Vec<u8>,
+    /// The buffer id pushed at each ring position, and each buffer's position: a bundle
+    /// receive names only its first buffer and fills the ring entries that follow it.
+    order: Box<[u16]>,
+    pos: Box<[u16]>,
     tail: u16,
     /// Buffers in circulation (ids `0..provided`).
     provided: u16,
@@ -93,6 +97,8 @@ impl BufRing {
             ring,
             ring_layout,
             mem: vec![0; usize::from(BUF_COUNT) * BUF_SIZE],
+            order: vec![0; usize::from(BUF_COUNT)].into(),
+            pos: vec![0; usize::from(BUF_COUNT)].into(),
             tail: 0,
             provided: 0,
             starved: false,
@@ -120,6 +126,8 @@ impl BufRing {
 
     fn push(&mut self, bid: u16) {
         let idx = usize::from(self.tail & (BUF_COUNT - 1));
+        self.order[idx] = bid;
+        self.pos[usize::from(bid)] = idx as u16;
         // SAFETY: idx < BUF_COUNT entries of the ring allocation.
         let entry = unsafe { &mut *self.ring.add(idx) };
         entry.set_addr(self.mem[usize::from(bid) * BUF_SIZE..].as_ptr() as u64);
@@ -137,6 +145,19 @@ impl BufRing {
         // SAFETY: the tail field lives in the first entry, which the kernel reads atomically.
         let tail = unsafe { &*(BufRingEntry::tail(self.ring) as *const AtomicU16) };
         tail.store(self.tail, Ordering::Release);
+    }
+
+    /// The buffers a receive of `len` bytes starting in buffer `first` filled, in order,
+    /// with the bytes in each (every one full but the last).
+    fn filled(&self, first: u16, len: usize, into: &mut Vec<(u16, usize)>) {
+        let at = self.pos[usize::from(first)];
+        into.extend((0..len.div_ceil(BUF_SIZE)).map(|k| {
+            let idx = at.wrapping_add(k as u16) & (BUF_COUNT - 1);
+            (
+                self.order[usize::from(idx)],
+                BUF_SIZE.min(len - k * BUF_SIZE),
+            )
+        }));
     }
 
     fn buf(&mut self, bid: u16, len: usize) -> &mut [u8] {
@@ -173,6 +194,10 @@ pub struct UringLoop {
     accept_armed: bool,
     accept_cancelled: bool,
     completions: Vec<(u64, i32, u32)>,
+    /// The buffers of the receive completion being handled.
+    pieces: Vec<(u16, usize)>,
+    /// Receives take as many buffers as the socket has data for (kernel 6.10+).
+    bundle: bool,
     dirty: Vec<u32>,
 }
 
@@ -190,6 +215,7 @@ impl UringLoop {
             .build(4096)?;
         ring.submitter().register_files_sparse(max_conns)?;
         let bufs = BufRing::new(&ring)?;
+        let bundle = ring.params().is_feature_recvsend_bundle();
         Ok(UringLoop {
             ring,
             bufs,
@@ -200,6 +226,8 @@ impl UringLoop {
             accept_armed: false,
             accept_cancelled: false,
             completions: Vec::with_capacity(1024),
+            pieces: Vec::new(),
+            bundle,
             dirty: Vec::new(),
         })
     }
@@ -233,9 +261,12 @@ impl UringLoop {
         if let Some(s) = conns.get_mut(id) {
             s.recv_armed = true;
         }
-        let sqe = opcode::RecvMulti::new(Fixed(fd as u32), BUF_GROUP)
-            .build()
-            .user_data(tag(OP_RECV, id));
+        let sqe = if self.bundle {
+            opcode::RecvMultiBundle::new(Fixed(fd as u32), BUF_GROUP).build()
+        } else {
+            opcode::RecvMulti::new(Fixed(fd as u32), BUF_GROUP).build()
+        };
+        let sqe = sqe.user_data(tag(OP_RECV, id));
         self.push(sqe);
     }
 
@@ -330,13 +361,18 @@ impl UringLoop {
                 }
             }
             OP_RECV => {
-                let bid = cqueue::buffer_select(flags);
-                if let Some(id) = find(conns) {
-                    self.received(conns, handler, id, res, flags, bid, now);
+                let mut pieces = std::mem::take(&mut self.pieces);
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    self.bufs.filled(bid, res.max(1) as usize, &mut pieces);
                 }
-                if let Some(bid) = bid {
+                if let Some(id) = find(conns) {
+                    self.received(conns, handler, id, res, flags, &pieces, now);
+                }
+                for &(bid, _) in &pieces {
                     self.bufs.push(bid);
                 }
+                pieces.clear();
+                self.pieces = pieces;
             }
             OP_SEND => {
                 let Some(id) = find(conns) else { return };
@@ -392,7 +428,7 @@ impl UringLoop {
         id: ConnId,
         res: i32,
         flags: u32,
-        bid: Option<u16>,
+        pieces: &[(u16, usize)],
         now: Instant,
     ) {
         let more = cqueue::more(flags);
@@ -407,8 +443,12 @@ impl UringLoop {
             return;
         }
         if res > 0 {
-            if let (State::Open, Some(bid)) = (state, bid) {
-                handler.on_data(conns, id, self.bufs.buf(bid, res as usize), now);
+            for &(bid, len) in pieces {
+                // Handling one piece may have closed the connection.
+                if conns.get(id).is_none_or(|s| s.state != State::Open) {
+                    break;
+                }
+                handler.on_data(conns, id, self.bufs.buf(bid, len), now);
             }
         } else if res == -libc::ENOBUFS {
             self.bufs.starved = true;
