@@ -1,11 +1,13 @@
 //! Envelope hot paths: parsing inbound messages (arcgate's serde_json parse, against
-//! serde_json and sonic-rs alone) and encoding the frames the gateway relays.
+//! serde_json and sonic-rs alone), validating a message with each JSON crate at hand, and
+//! encoding the frames the gateway relays.
 
 use std::borrow::Cow;
 use std::hint::black_box;
 
 use arcgate::protocol::envelope;
 use criterion::{criterion_group, criterion_main, Criterion};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sonic_rs::LazyValue;
@@ -15,6 +17,9 @@ use sonic_rs::LazyValue;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const HEARTBEAT: &str = r#"{"event":"heartbeat","data":{"machineId":"mch_123","timestamp":1700000000,"cpu":12.5,"memory":48.1,"uptime":86400}}"#;
+
+/// The heartbeat `arcgate-load flood` sends.
+const FLOOD_HEARTBEAT: &str = r#"{"event":"heartbeat","data":{"hbSeq":123456,"sentAtNs":1732776000123456789,"machineId":"mch_000123","timestamp":1732776000123,"cpu":12.5,"memory":48.1,"uptime":86400}}"#;
 
 const SERVER_STATUS: &str = r#"{"event":"server:status","data":{"serverId":"srv_xyz","status":"running","players":12,"maxPlayers":64,"map":"de_dust2","name":"EU #1 \"Casual\"","uptime":3600,"tickrate":128}}"#;
 
@@ -71,7 +76,11 @@ fn arcgate_parse(text: &str) -> (usize, usize, bool) {
 
 fn parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("envelope parse");
-    for (name, text) in [("heartbeat", HEARTBEAT), ("server:status", SERVER_STATUS)] {
+    for (name, text) in [
+        ("heartbeat", HEARTBEAT),
+        ("server:status", SERVER_STATUS),
+        ("flood heartbeat", FLOOD_HEARTBEAT),
+    ] {
         // Both parsers must agree on what they found.
         assert_eq!(arcgate_parse(text), serde_json_parse(text));
         assert_eq!(sonic_parse(text), serde_json_parse(text));
@@ -83,6 +92,30 @@ fn parse(c: &mut Criterion) {
         });
         g.bench_function(format!("{name} sonic_rs::from_str alone"), |b| {
             b.iter(|| sonic_parse(black_box(text)))
+        });
+    }
+    g.finish();
+}
+
+/// Validation alone, the floor of any gateway that checks what it relays: serde_json,
+/// sonic-rs and jiter skipping one whole message.
+fn validate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("validate");
+    for (name, text) in [
+        ("heartbeat", HEARTBEAT),
+        ("flood heartbeat", FLOOD_HEARTBEAT),
+    ] {
+        g.bench_function(format!("{name} serde_json"), |b| {
+            b.iter(|| serde_json::from_str::<IgnoredAny>(black_box(text)).is_ok())
+        });
+        g.bench_function(format!("{name} sonic-rs"), |b| {
+            b.iter(|| sonic_rs::from_str::<IgnoredAny>(black_box(text)).is_ok())
+        });
+        g.bench_function(format!("{name} jiter"), |b| {
+            b.iter(|| {
+                let mut j = jiter::Jiter::new(black_box(text).as_bytes());
+                j.next_skip().is_ok() && j.finish().is_ok()
+            })
         });
     }
     g.finish();
@@ -118,5 +151,5 @@ fn encode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, encode);
+criterion_group!(benches, parse, validate, encode);
 criterion_main!(benches);
