@@ -39,6 +39,8 @@ struct Worker {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcSample {
     pub cpu_ns: u64,
+    /// The part of `cpu_ns` spent in the kernel on the process's behalf.
+    pub system_ns: u64,
     pub rss_bytes: u64,
 }
 
@@ -62,6 +64,7 @@ pub fn sample_proc(pid: u32) -> Option<ProcSample> {
     let page = if page > 0 { page as u64 } else { 4096 };
     Some(ProcSample {
         cpu_ns: (utime + stime) * (SEC / hz),
+        system_ns: stime * (SEC / hz),
         rss_bytes: rss_pages * page,
     })
 }

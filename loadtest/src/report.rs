@@ -151,6 +151,8 @@ pub struct GatewayReport {
     pub cpu_seconds: Option<f64>,
     /// Cores used on average during the window.
     pub cpu_utilization: Option<f64>,
+    /// The share of that CPU time spent in the kernel (system time), 0–1.
+    pub cpu_kernel_share: Option<f64>,
     pub inbound_messages: u64,
     pub deliveries: u64,
     /// All of the gateway's CPU time in the window divided by the messages it received.
@@ -490,9 +492,12 @@ fn gateway_report(
     };
     let inbound = window.get(C::MsgsOut);
     let deliveries = window.get(C::MsgsIn);
-    let cpu_ns = match (g.at_t0, g.at_t1) {
-        (Some(a), Some(b)) => Some(b.cpu_ns.saturating_sub(a.cpu_ns)),
-        _ => None,
+    let (cpu_ns, system_ns) = match (g.at_t0, g.at_t1) {
+        (Some(a), Some(b)) => (
+            Some(b.cpu_ns.saturating_sub(a.cpu_ns)),
+            Some(b.system_ns.saturating_sub(a.system_ns)),
+        ),
+        _ => (None, None),
     };
     let per = |n: u64| {
         cpu_ns
@@ -505,6 +510,10 @@ fn gateway_report(
         pid: g.pid,
         cpu_seconds: cpu_ns.map(|c| c as f64 / SEC),
         cpu_utilization: cpu_ns.filter(|_| secs > 0.0).map(|c| c as f64 / SEC / secs),
+        cpu_kernel_share: cpu_ns
+            .zip(system_ns)
+            .filter(|&(c, _)| c > 0)
+            .map(|(c, s)| s as f64 / c as f64),
         inbound_messages: inbound,
         deliveries,
         cpu_us_per_inbound_message: per(inbound),
@@ -666,11 +675,13 @@ pub fn table(r: &Report) -> String {
         let f = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.2}{unit}"));
         let _ = writeln!(
             s,
-            "  {:<18} pid {}: cpu {} ({} cores), {} per inbound message, {} per delivery, {} per connection set up, rss {} ({} per connection)",
+            "  {:<18} pid {}: cpu {} ({} cores, {} in the kernel), {} per inbound message, {} per delivery, {} per connection set up, rss {} ({} per connection)",
             "gateway",
             g.pid,
             f(g.cpu_seconds, " s"),
             f(g.cpu_utilization, ""),
+            g.cpu_kernel_share
+                .map_or("-".into(), |k| format!("{:.0} %", k * 100.0)),
             f(g.cpu_us_per_inbound_message, " µs"),
             f(g.cpu_us_per_delivery, " µs"),
             f(g.cpu_us_per_connection, " µs"),

@@ -109,6 +109,8 @@ fn json_and_html_reports_are_complete() {
     assert_eq!(n(g, "/pid"), u64::from(gw.pid()));
     assert!(f(g, "/cpu_us_per_inbound_message") > 0.0, "{g}");
     assert!(f(g, "/cpu_us_per_delivery") > 0.0, "{g}");
+    let kernel = f(g, "/cpu_kernel_share");
+    assert!(kernel > 0.0 && kernel < 1.0, "{g}");
     assert!(n(g, "/rss_bytes") > 0);
     assert!(g["rss_per_connection_bytes"].is_number(), "{g}");
     assert_eq!(n(g, "/connections"), 12 + 3 + 1);
