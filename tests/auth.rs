@@ -27,6 +27,7 @@ both_backends!(
     refresh_with_fresh_token_keeps_connection,
     refresh_with_other_identity_or_bad_token_closes_4001,
     second_agent_replaces_first_4009,
+    what_a_replaced_agent_sent_is_still_relayed,
 );
 
 /// Sends `msg` as the first message on a new `path` connection and expects `AUTH_FAILED`
@@ -425,4 +426,33 @@ async fn second_agent_replaces_first_4009(io: &'static str) {
     let r = user.recv_event("command:response").await;
     assert_eq!(r["id"], "req_r", "{r}");
     assert_eq!(r["data"]["success"], true, "{r}");
+}
+
+/// An agent sends a backlog, disconnects and reconnects at once: the newer connection may
+/// authenticate before the gateway has read the older one's backlog, which is relayed all
+/// the same, in order.
+async fn what_a_replaced_agent_sent_is_still_relayed(io: &'static str) {
+    let gw = Gateway::start(
+        io,
+        &["--rate-limit", "0", "--max-outbound-bytes", "100000000"],
+    )
+    .await;
+    let mut user = gw.user("usr_b", &["clu_b"]).await;
+    let mut first = gw.agent("mch_b", "clu_b").await;
+    user.recv_event("machine:online").await;
+    let n = 20_000;
+    for i in 0..n {
+        first
+            .send(json!({"event": "server:status", "data": {"serverId": "srv_b", "seq": i}}))
+            .await;
+    }
+    drop(first);
+    let _second = gw.agent("mch_b", "clu_b").await;
+    for i in 0..n {
+        // The newer connection's `machine:online` comes somewhere in between.
+        let m = user
+            .recv_skipping("server:updated", &["machine:online"])
+            .await;
+        assert_eq!(m["data"]["seq"], i, "{m}");
+    }
 }

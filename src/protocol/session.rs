@@ -21,6 +21,11 @@ pub const CLOSE_PING_TIMEOUT: u16 = 4000;
 pub const CLOSE_AUTH_FAILED: u16 = 4001;
 pub const CLOSE_AUTH_TIMEOUT: u16 = 4002;
 pub const CLOSE_RATE_LIMIT: u16 = 4008;
+pub const CLOSE_REPLACED: u16 = 4009;
+
+/// How long a replaced agent connection keeps relaying what it had already sent, waiting
+/// for its close: events sent before a reconnection are not lost to the takeover.
+pub const REPLACED_DRAIN: Duration = Duration::from_secs(2);
 
 /// Everything a session needs to know about the gateway's configuration.
 #[derive(Debug, Clone)]
@@ -174,6 +179,9 @@ struct Core {
     bucket: Bucket,
     /// Set once the upgrade succeeded (stays set after the close).
     upgraded_once: bool,
+    /// A newer connection of this machine took over: `4009` was sent, and what the agent
+    /// had sent before it is still relayed until its close (or `REPLACED_DRAIN`).
+    replaced: bool,
 }
 
 impl Session {
@@ -194,6 +202,7 @@ impl Session {
             warn_at: NEVER,
             expire_at: NEVER,
             upgraded_once: false,
+            replaced: false,
             bucket: Bucket {
                 milli_tokens: u64::from(limits.rate_burst) * 1000,
                 refilled_ms: 0,
@@ -243,10 +252,31 @@ impl Session {
     /// slow consumer 1013, drain 1012 …): for 4001 an `error` `AUTH_FAILED` with `reason`
     /// first, then a close frame with `code`, then `Output::Close`. No-op once closed.
     /// Before the upgrade there is no WebSocket yet: the peer gets `503` instead.
+    /// A replaced agent (`4009`) drains first: see `REPLACED_DRAIN`.
     pub fn close(&mut self, ctx: &Ctx, code: u16, reason: &str, out: &mut impl FnMut(Output<'_>)) {
         let c = &mut self.core;
+        if c.replaced {
+            // Its close frame went out already.
+            if !c.is_closed() {
+                c.shut(out);
+            }
+            return;
+        }
         match c.phase {
             Phase::Closed(_) => {}
+            Phase::Open(_) if code == CLOSE_REPLACED => {
+                ctx.observer.closed(code);
+                out(Output::Send(codec::close_frame(code, reason)));
+                c.replaced = true;
+                [
+                    c.next_ping,
+                    c.pong_deadline,
+                    c.lease,
+                    c.warn_at,
+                    c.expire_at,
+                ] = [NEVER; 5];
+                c.phase_deadline = c.deadline(ctx.now, REPLACED_DRAIN);
+            }
             Phase::Handshake { .. } => {
                 ctx.observer.rejected(503);
                 out(Output::Send(handshake::error_response(503, reason, &[])));
@@ -393,7 +423,9 @@ impl Session {
             .decoder
             .decode(buf, |msg| core.on_message(ctx, msg, out));
         if let Err(reason) = result {
-            if !core.is_closed() {
+            if core.replaced {
+                core.shut(out);
+            } else if !core.is_closed() {
                 ctx.observer.closed(reason.code());
                 out(Output::Send(codec::close_frame(
                     reason.code(),
@@ -510,6 +542,12 @@ impl Core {
         }
         let limits = ctx.limits;
         let now = self.now_ms(ctx.now);
+        if self.replaced {
+            if self.phase_deadline <= now {
+                self.shut(out);
+            }
+            return;
+        }
         if self.phase_deadline <= now {
             return self.phase_timeout(ctx, out);
         }
@@ -577,6 +615,7 @@ impl Core {
         out: &mut impl FnMut(Output<'_>),
     ) -> Flow {
         match msg {
+            _ if self.replaced => self.on_replaced_message(ctx, msg, out),
             Message::Ping(payload) => {
                 ctx.observer.ping();
                 out(Output::Send(codec::frame(codec::OP_PONG, payload)))
@@ -590,6 +629,31 @@ impl Core {
             Flow::Stop
         } else {
             Flow::Continue
+        }
+    }
+
+    /// After `4009` nothing goes to the peer any more; its events are relayed and its close
+    /// ends the session.
+    fn on_replaced_message(
+        &mut self,
+        ctx: &Ctx,
+        msg: Message<'_>,
+        out: &mut impl FnMut(Output<'_>),
+    ) {
+        match msg {
+            Message::Text(text) => {
+                let Ok(env) = envelope::parse(text) else {
+                    return;
+                };
+                ctx.observer.message(&env.event);
+                self.agent_event(ctx, &env, &mut |o| {
+                    if !matches!(o, Output::Send(_)) {
+                        out(o);
+                    }
+                });
+            }
+            Message::Close(..) => self.shut(out),
+            _ => {}
         }
     }
 
@@ -2386,12 +2450,57 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_agent_relays_what_it_sent_until_its_close() {
+        let mut h = Harness::agent(limits());
+        let evs = h.close(secs(1), CLOSE_REPLACED, "replaced");
+        assert_eq!(evs, vec![Ev::CloseFrame(4009, "replaced".into())]);
+        assert_eq!(h.next_timeout(), Some(secs(1) + REPLACED_DRAIN));
+        // Events still count; nothing goes back to the peer: no pong, no error.
+        let evs = h.send(secs(1), &heartbeat());
+        assert!(
+            matches!(&evs[..], [Ev::Relay { event, .. }] if event == "heartbeat"),
+            "{evs:?}"
+        );
+        assert!(h
+            .feed(secs(1), &client_frame(true, codec::OP_PING, b"p"))
+            .is_empty());
+        assert!(h
+            .send(secs(1), &json!({"event": "server:status", "data": 1}))
+            .is_empty());
+        assert!(h
+            .feed(secs(1), &client_frame(true, codec::OP_TEXT, b"not json"))
+            .is_empty());
+        // The peer's close ends it without a second close frame.
+        let evs = h.feed(
+            secs(2),
+            &client_frame(true, codec::OP_CLOSE, &1000u16.to_be_bytes()),
+        );
+        assert_eq!(evs, vec![Ev::Close]);
+        assert_closed(&mut h, secs(2));
+    }
+
+    #[test]
+    fn a_replaced_agent_is_closed_after_the_drain() {
+        let mut h = Harness::agent(limits());
+        h.close(secs(1), CLOSE_REPLACED, "replaced");
+        assert!(h.tick(secs(1) + REPLACED_DRAIN - ms(1)).is_empty());
+        assert_eq!(h.tick(secs(1) + REPLACED_DRAIN), vec![Ev::Close]);
+        assert_closed(&mut h, secs(4));
+
+        // Another close meanwhile (shutdown, revocation) ends it at once.
+        let mut h = Harness::agent(limits());
+        h.close(secs(1), CLOSE_REPLACED, "replaced");
+        assert_eq!(h.close(secs(1), 1012, "restarting"), vec![Ev::Close]);
+        assert_closed(&mut h, secs(2));
+    }
+
+    #[test]
     fn external_close_other_codes() {
         let mut h = Harness::agent(limits());
-        let evs = h.close(secs(1), 4009, "replaced");
+        let evs = h.close(secs(1), 1012, "restarting");
         assert_eq!(
             evs,
-            vec![Ev::CloseFrame(4009, "replaced".into()), Ev::Close]
+            vec![Ev::CloseFrame(1012, "restarting".into()), Ev::Close]
         );
         assert_closed(&mut h, secs(2));
 
