@@ -19,6 +19,7 @@ use crate::io::conns::{ConnMap, Queued};
 use crate::io::{ConnId, Conns, Notifier};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::protocol::envelope::{self, ErrorCode};
+use crate::protocol::session::CLOSE_REPLACED;
 use crate::worker::Settings;
 
 /// Servers whose latest `server:status` is kept per machine; further server ids are not
@@ -396,19 +397,13 @@ impl Hub {
                     },
                 );
                 if let Some(old) = self.shared.machines.insert(who.sub.clone(), loc) {
-                    let close = Msg::Close {
-                        conn: old.conn,
-                        code: 4009,
-                        reason: "replaced by a newer connection of this machine",
-                    };
+                    let reason = "replaced by a newer connection of this machine";
                     if old.worker == self.index {
-                        self.closes.push((
-                            old.conn,
-                            4009,
-                            "replaced by a newer connection of this machine",
-                        ));
+                        self.closes.push((old.conn, CLOSE_REPLACED, reason));
                     } else {
-                        self.shared.post(old.worker, close);
+                        let (conn, code) = (old.conn, CLOSE_REPLACED);
+                        self.shared
+                            .post(old.worker, Msg::Close { conn, code, reason });
                     }
                 }
                 let frame =

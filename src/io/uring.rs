@@ -363,6 +363,7 @@ impl UringLoop {
             OP_RECV => {
                 let mut pieces = std::mem::take(&mut self.pieces);
                 if let Some(bid) = cqueue::buffer_select(flags) {
+                    // At least the first buffer goes back, whatever `res` says.
                     self.bufs.filled(bid, res.max(1) as usize, &mut pieces);
                 }
                 if let Some(id) = find(conns) {
