@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A long run of a realistic fleet against one gateway, sampling its RSS: the leak check of
 # docs/benchmarks.md. Prints the RSS after the warm-up, at the end and the growth between.
+# By default 100 minutes, measuring the last hour: a fresh heap settles in the first 40.
 #   scripts/soak.sh OUT_DIR [DURATION_S] [WARMUP_S]   (env: ARCGATE, ARCGATE_LOAD, PORT, ADMIN,
 #   AGENTS, PROCS, SOURCES, STATUS_RATE, GATEWAY_ARGS; build first: cargo build --release --workspace)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/soak.sh OUT_DIR [DURATION_S] [WARMUP_S]}
-DURATION=${2:-3600}
-WARMUP=${3:-600}
+DURATION=${2:-6000}
+WARMUP=${3:-2400}
 mkdir -p "$OUT"
 S=soak-secret-0123456789abcdef0123456789
 G=${ARCGATE:-target/release/arcgate}
