@@ -397,11 +397,11 @@ impl Hub {
                     },
                 );
                 if let Some(old) = self.shared.machines.insert(who.sub.clone(), loc) {
+                    let (conn, code) = (old.conn, CLOSE_REPLACED);
                     let reason = "replaced by a newer connection of this machine";
                     if old.worker == self.index {
-                        self.closes.push((old.conn, CLOSE_REPLACED, reason));
+                        self.closes.push((conn, code, reason));
                     } else {
-                        let (conn, code) = (old.conn, CLOSE_REPLACED);
                         self.shared
                             .post(old.worker, Msg::Close { conn, code, reason });
                     }

@@ -423,15 +423,8 @@ impl Session {
             .decoder
             .decode(buf, |msg| core.on_message(ctx, msg, out));
         if let Err(reason) = result {
-            if core.replaced {
-                core.shut(out);
-            } else if !core.is_closed() {
-                ctx.observer.closed(reason.code());
-                out(Output::Send(codec::close_frame(
-                    reason.code(),
-                    close_text(reason),
-                )));
-                core.shut(out);
+            if !core.is_closed() {
+                core.close_with(ctx, reason.code(), close_text(reason), out);
             }
         }
     }
@@ -491,8 +484,11 @@ impl Core {
 
     /// Sends a close frame and ends the session.
     fn close_with(&mut self, ctx: &Ctx, code: u16, reason: &str, out: &mut impl FnMut(Output<'_>)) {
-        ctx.observer.closed(code);
-        out(Output::Send(codec::close_frame(code, reason)));
+        // A replaced session sent (and counted) its close frame already.
+        if !self.replaced {
+            ctx.observer.closed(code);
+            out(Output::Send(codec::close_frame(code, reason)));
+        }
         self.shut(out);
     }
 
@@ -632,8 +628,8 @@ impl Core {
         }
     }
 
-    /// After `4009` nothing goes to the peer any more; its events are relayed and its close
-    /// ends the session.
+    /// After `4009` nothing goes to the peer any more; its events are relayed, within the
+    /// rate limit as before, and its close ends the session.
     fn on_replaced_message(
         &mut self,
         ctx: &Ctx,
@@ -642,15 +638,19 @@ impl Core {
     ) {
         match msg {
             Message::Text(text) => {
+                let mut unsent = |o: Output<'_>| {
+                    if !matches!(o, Output::Send(_)) {
+                        out(o);
+                    }
+                };
+                if !self.admit(ctx, &mut unsent) {
+                    return;
+                }
                 let Ok(env) = envelope::parse(text) else {
                     return;
                 };
                 ctx.observer.message(&env.event);
-                self.agent_event(ctx, &env, &mut |o| {
-                    if !matches!(o, Output::Send(_)) {
-                        out(o);
-                    }
-                });
+                self.agent_event(ctx, &env, &mut unsent);
             }
             Message::Close(..) => self.shut(out),
             _ => {}
@@ -2476,6 +2476,26 @@ mod tests {
             &client_frame(true, codec::OP_CLOSE, &1000u16.to_be_bytes()),
         );
         assert_eq!(evs, vec![Ev::Close]);
+        assert_closed(&mut h, secs(2));
+    }
+
+    #[test]
+    fn a_replaced_agent_stays_within_the_rate_limit() {
+        // The auth message took one token of the burst of 3.
+        let mut h = Harness::agent(rate_limits(1, 3, 2));
+        h.close(ms(100), CLOSE_REPLACED, "replaced");
+        for at in [200, 300] {
+            let evs = h.send(ms(at), &heartbeat());
+            assert!(matches!(&evs[..], [Ev::Relay { .. }]), "{evs:?}");
+        }
+        // Over the limit: dropped, and no error goes to the peer.
+        assert!(h.send(ms(400), &heartbeat()).is_empty());
+        // Dropping again in the next second ends it, without a second close frame.
+        assert!(matches!(
+            &h.send(ms(1_000), &heartbeat())[..],
+            [Ev::Relay { .. }]
+        ));
+        assert_eq!(h.send(ms(1_100), &heartbeat()), vec![Ev::Close]);
         assert_closed(&mut h, secs(2));
     }
 
