@@ -4,6 +4,7 @@
 mod cli;
 mod coord;
 mod engine;
+mod gateway;
 mod msg;
 mod net;
 mod plan;

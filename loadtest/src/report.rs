@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::coord::GatewaySeen;
+use crate::gateway::GatewaySeen;
 use crate::plan::{Plan, HISTS};
 use crate::stats::{self, Counters, Lat, LatSummary, RoleCount, Tally, WorkerResult, C, NAMES};
 
