@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::plan::{FlatOut, Plan, Scenario, Storm};
+use crate::plan::{FlatOut, Plan, Scenario, Storm, Target};
 use crate::util::{parse_duration, parse_sources, Rng};
 
 /// The load generator bundled with arcgate: simulated agents, dashboard users and a
@@ -39,9 +39,21 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The gateway's base URL; /ws/agent and /ws/client are appended
-    #[arg(long, default_value = "ws://127.0.0.1:8080")]
-    pub url: String,
+    /// The gateway's base URL (/ws/agent and /ws/client are appended); repeat it or separate
+    /// with commas for several gateways
+    ///
+    /// With several URLs (the nodes of one fleet), agents, users and service clients are
+    /// spread over them round-robin by their number, and a connection whose gateway is gone
+    /// (refused, reset, closed without a close frame, no answer in time, or closed with 1001
+    /// or 1012) reconnects, after its backoff, to the next URL in the list. The report counts
+    /// the connections per URL and those that reconnected elsewhere.
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080"
+    )]
+    pub url: Vec<String>,
     /// HS256 secret to mint tokens with (the gateway's --jwt-secret)
     #[arg(long, env = "ARCGATE_JWT_SECRET", hide_env_values = true)]
     pub secret: String,
@@ -54,7 +66,8 @@ pub struct Common {
     /// Write a self-contained HTML page with the latency curve and the rates over time
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// The gateway's process id: its CPU time per message and memory per connection
+    /// The gateway's process id: its CPU time per message and memory per connection (with
+    /// several --url, of that one gateway)
     #[arg(long, value_name = "PID")]
     pub gateway_pid: Option<u32>,
     /// No live status line on stderr
@@ -213,7 +226,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 /// Host header, socket address and base path of a `ws://` URL.
-fn resolve(url: &str) -> Result<(String, std::net::SocketAddr, String), String> {
+fn resolve(url: &str) -> Result<Target, String> {
     if url.starts_with("wss://") {
         return Err("wss:// is not supported: point --url at a ws:// listener".into());
     }
@@ -238,11 +251,23 @@ fn resolve(url: &str) -> Result<(String, std::net::SocketAddr, String), String> 
         .map_err(|e| format!("--url {url:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("--url {url:?}: no address"))?;
-    Ok((authority.to_string(), addr, path.to_string()))
+    Ok(Target {
+        url: url.to_string(),
+        addr,
+        host: authority.to_string(),
+        base_path: path.to_string(),
+    })
 }
 
 fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
-    let (host, addr, base_path) = resolve(&c.url)?;
+    let targets = c
+        .url
+        .iter()
+        .map(|u| resolve(u.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if targets.is_empty() {
+        return Err("--url: at least one gateway URL is needed".into());
+    }
     if c.secret.is_empty() {
         return Err("--secret must not be empty".into());
     }
@@ -260,9 +285,7 @@ fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
     let ttl = c.duration + c.setup_timeout + c.drain + Duration::from_secs(3600);
     Ok(Plan {
         scenario,
-        addr,
-        host,
-        base_path,
+        targets,
         secret: c.secret.clone(),
         run_id,
         agents: 0,
@@ -384,15 +407,45 @@ mod tests {
 
     #[test]
     fn urls_resolve_with_base_paths() {
-        let (host, addr, path) = resolve("ws://127.0.0.1:9001/").unwrap();
+        let t = resolve("ws://127.0.0.1:9001/").unwrap();
         assert_eq!(
-            (host.as_str(), addr.port(), path.as_str()),
+            (t.host.as_str(), t.addr.port(), t.base_path.as_str()),
             ("127.0.0.1:9001", 9001, "")
         );
-        let (_, addr, path) = resolve("ws://localhost:7/gw").unwrap();
-        assert_eq!((addr.port(), path.as_str()), (7, "/gw"));
+        let t = resolve("ws://localhost:7/gw").unwrap();
+        assert_eq!((t.addr.port(), t.base_path.as_str()), (7, "/gw"));
         assert!(resolve("wss://x:1").is_err());
         assert!(resolve("http://x:1").is_err());
+    }
+
+    #[test]
+    fn several_urls_repeated_or_comma_separated() {
+        let urls = |p: &Plan| p.targets.iter().map(|t| t.addr.port()).collect::<Vec<_>>();
+        let p = plan(&["connect", "--secret", "s"]).unwrap();
+        assert_eq!(urls(&p), [8080]);
+        let p = plan(&[
+            "connect",
+            "--secret",
+            "s",
+            "--url",
+            "ws://127.0.0.1:1,ws://127.0.0.1:2",
+            "--url",
+            "ws://127.0.0.1:3/gw",
+        ])
+        .unwrap();
+        assert_eq!(urls(&p), [1, 2, 3]);
+        assert_eq!(p.targets[2].url, "ws://127.0.0.1:3/gw");
+        assert_eq!((p.url_of(0), p.url_of(4), p.url_of(5)), (0, 1, 2));
+        assert_eq!((p.next_url(1), p.next_url(2)), (2, 0));
+        let e = plan(&[
+            "connect",
+            "--secret",
+            "s",
+            "--url",
+            "ws://127.0.0.1:1,http://x:2",
+        ])
+        .unwrap_err();
+        assert!(e.contains("http://x:2"), "{e}");
     }
 
     #[test]

@@ -83,11 +83,8 @@ impl Hist {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub scenario: Scenario,
-    /// The gateway's address and the `Host` header to send.
-    pub addr: SocketAddr,
-    pub host: String,
-    /// The base path before `/ws/agent` and `/ws/client` (usually empty).
-    pub base_path: String,
+    /// The gateways, at least one: connections are spread over them round-robin.
+    pub targets: Vec<Target>,
     pub secret: String,
     /// Distinguishes this run's machine ids and clusters from any other run's.
     pub run_id: String,
@@ -130,6 +127,18 @@ pub struct Plan {
     pub max_message: usize,
     pub proc_index: u32,
     pub procs: u32,
+}
+
+/// One gateway URL, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// As given on the command line (the report names it so).
+    pub url: String,
+    /// The address to connect to and the `Host` header to send.
+    pub addr: SocketAddr,
+    pub host: String,
+    /// The base path before `/ws/agent` and `/ws/client` (usually empty).
+    pub base_path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +185,17 @@ impl Plan {
         let n = self.clusters.max(1);
         let k = self.user_clusters.clamp(1, n);
         (0..k).map(|i| (user + i) % n).collect()
+    }
+
+    /// The first URL of the `n`th connection of a role, fleet-wide: round-robin, so every
+    /// URL gets its share of agents, users and service clients whatever the worker count.
+    pub fn url_of(&self, n: u32) -> u32 {
+        n % (self.targets.len().max(1) as u32)
+    }
+
+    /// The URL to try after `url` lost its gateway.
+    pub fn next_url(&self, url: u32) -> u32 {
+        (url + 1) % (self.targets.len().max(1) as u32)
     }
 
     /// Connections this worker opens.

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::gateway::GatewaySeen;
 use crate::plan::{Plan, HISTS};
-use crate::stats::{self, Counters, Lat, LatSummary, RoleCount, Tally, WorkerResult, C, NAMES};
+use crate::stats::{
+    self, Counters, Lat, LatSummary, RoleCount, Tally, UrlCount, WorkerResult, C, NAMES,
+};
 
 const SEC: f64 = 1e9;
 
@@ -70,6 +72,15 @@ pub struct Setup {
     /// Authentications per second during setup.
     pub rate_per_s: f64,
     pub failures: u64,
+}
+
+/// One gateway URL's share: connections given it first (`target`), authenticated on it at the
+/// window's start and end, and those it lost that were authenticated again on another URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UrlReport {
+    pub url: String,
+    #[serde(flatten)]
+    pub count: UrlCount,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +202,8 @@ pub struct Report {
     pub duration_s: f64,
     pub setup: Setup,
     pub connections: Connections,
+    /// The connections per gateway URL, in the order given.
+    pub urls: Vec<UrlReport>,
     /// Counters over the window.
     pub counts: BTreeMap<String, u64>,
     /// Counters over the whole run (setup, window and drain).
@@ -254,7 +267,11 @@ pub fn build(
     let mut hists: Vec<Lat> = HISTS.iter().map(|_| Lat::default()).collect();
     let (mut unanswered, mut cpu_ns) = (0, 0);
     let mut storm = stats::StormSeen::default();
+    let mut urls = vec![UrlCount::default(); plan.targets.len()];
     for r in results {
+        for (a, b) in urls.iter_mut().zip(&r.urls) {
+            a.merge(b);
+        }
         total.merge(&r.total);
         setup_c.merge(&r.setup);
         window.merge(&r.window);
@@ -334,7 +351,12 @@ pub fn build(
     let mut rep = Report {
         tool: concat!("arcgate-load ", env!("CARGO_PKG_VERSION")).into(),
         scenario: plan.scenario.name().into(),
-        target: format!("ws://{}{}", plan.host, plan.base_path),
+        target: plan
+            .targets
+            .iter()
+            .map(|t| format!("ws://{}{}", t.host, t.base_path))
+            .collect::<Vec<_>>()
+            .join(","),
         run_id: plan.run_id.clone(),
         started_at_ms,
         procs: plan.procs,
@@ -369,6 +391,15 @@ pub fn build(
             users,
             services,
         },
+        urls: plan
+            .targets
+            .iter()
+            .zip(urls)
+            .map(|(t, count)| UrlReport {
+                url: t.url.clone(),
+                count,
+            })
+            .collect(),
         counts: named(&window),
         totals: named(&total),
         deliveries: Deliveries {
@@ -452,6 +483,13 @@ fn warnings(r: &Report, window: &Counters) -> Vec<String> {
             "{} of {} expected deliveries did not arrive",
             r.lost, r.deliveries.expected
         ));
+        if r.urls.len() > 1 {
+            w.push(
+                "with several URLs a user sees the events of agents on other gateways only \
+                 if the gateways are one cluster: expected deliveries assume they are"
+                    .into(),
+            );
+        }
     }
     if let Some(s) = &r.storm {
         if !s.all_recovered {
@@ -577,6 +615,21 @@ pub fn table(r: &Report) -> String {
         role(&r.connections.users),
         role(&r.connections.services)
     );
+    if r.urls.len() > 1 {
+        for (k, u) in r.urls.iter().enumerate() {
+            let c = &u.count;
+            let _ = writeln!(
+                s,
+                "  {:<18} {}: agents {}  users {}  services {}  reconnected elsewhere {}",
+                format!("url {}", k + 1),
+                u.url,
+                role(&c.agents),
+                role(&c.users),
+                role(&c.services),
+                c.reconnected_elsewhere
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "  {:<18} {} authenticated in {:.2} s ({:.0}/s), {} failed attempts{}",

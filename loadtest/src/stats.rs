@@ -236,6 +236,25 @@ impl RoleCount {
     }
 }
 
+/// One gateway URL's connections: by role, those given it first (`target`) and those
+/// authenticated on it; and how many it lost that were authenticated again on another URL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UrlCount {
+    pub agents: RoleCount,
+    pub users: RoleCount,
+    pub services: RoleCount,
+    pub reconnected_elsewhere: u64,
+}
+
+impl UrlCount {
+    pub fn merge(&mut self, o: &UrlCount) {
+        self.agents.merge(&o.agents);
+        self.users.merge(&o.users);
+        self.services.merge(&o.services);
+        self.reconnected_elsewhere += o.reconnected_elsewhere;
+    }
+}
+
 /// The storm as one worker saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StormSeen {
@@ -278,6 +297,8 @@ pub struct WorkerResult {
     pub agents: RoleCount,
     pub users: RoleCount,
     pub services: RoleCount,
+    /// The same per gateway URL, in the order of `Plan::targets`.
+    pub urls: Vec<UrlCount>,
     pub errors_by_code: Tally,
     pub close_codes: Tally,
     pub connect_failures: Tally,

@@ -68,6 +68,9 @@ impl Engine {
         self.c.inc(C::Authenticated);
         let conn = &mut self.conns[i];
         conn.backoff_ms = BACKOFF_MIN_MS;
+        if let Some(lost) = conn.left.take().filter(|&u| u != conn.url) {
+            self.held[lost as usize].reconnected_elsewhere += 1;
+        }
         let started = conn.attempt_ns;
         let storm_drop = conn.storm_drop_ns;
         let recovered = conn.storm_recovered;

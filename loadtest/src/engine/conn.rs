@@ -54,6 +54,11 @@ pub(super) struct Conn {
     pub(super) id: u32,
     pub(super) cluster: u32,
     pub(super) state: State,
+    /// The gateway URL (index into `plan.targets`) it connects to now.
+    pub(super) url: u32,
+    /// The URL it was authenticated at before its gateway went, until it is authenticated
+    /// again (the report counts it as reconnected elsewhere if that is another URL).
+    pub(super) left: Option<u32>,
     /// Bumped whenever the socket goes: stale timers carry an older value.
     pub(super) gen: u32,
     pub(super) sock: Option<TcpStream>,
@@ -86,12 +91,14 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) fn new(role: Role, id: u32, cluster: u32, max_message: usize) -> Conn {
+    pub(super) fn new(role: Role, id: u32, cluster: u32, url: u32, max_message: usize) -> Conn {
         Conn {
             role,
             id,
             cluster,
             state: State::Idle,
+            url,
+            left: None,
             gen: 0,
             sock: None,
             head: Vec::new(),

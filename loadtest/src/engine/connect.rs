@@ -25,15 +25,16 @@ impl Engine {
             self.attempting -= 1;
         }
         if was == State::Ready {
-            self.ready[r] -= 1;
+            self.held[conn.url as usize].ready[r] -= 1;
         }
         conn.state = state;
         if conn.in_progress() {
             self.attempting += 1;
         }
+        let held = &mut self.held[conn.url as usize];
         match state {
-            State::Ready => self.ready[r] += 1,
-            State::Stopped => self.stopped[r] += 1,
+            State::Ready => held.ready[r] += 1,
+            State::Stopped => held.stopped[r] += 1,
             _ => {}
         }
     }
@@ -50,7 +51,8 @@ impl Engine {
     pub(super) fn start_attempt(&mut self, i: usize, now: u64) {
         self.c.inc(C::Attempts);
         let src = self.next_src();
-        let mut sock = match net::connect(src, self.plan.addr) {
+        let addr = self.plan.targets[self.conns[i].url as usize].addr;
+        let mut sock = match net::connect(src, addr) {
             Ok(s) => s,
             Err(e) => {
                 let cause = net::cause(&e);
@@ -127,11 +129,12 @@ impl Engine {
                 return self.drop_conn(i, &cause, None, now);
             }
         }
+        let target = &self.plan.targets[self.conns[i].url as usize];
         let path = match self.conns[i].role {
-            Role::Agent => format!("{}/ws/agent", self.plan.base_path),
-            _ => format!("{}/ws/client", self.plan.base_path),
+            Role::Agent => format!("{}/ws/agent", target.base_path),
+            _ => format!("{}/ws/client", target.base_path),
         };
-        let req = ws::upgrade_request(&self.plan.host, &path, &mut self.rng);
+        let req = ws::upgrade_request(&target.host, &path, &mut self.rng);
         self.conns[i].wbuf.extend_from_slice(&req);
         self.set_state(i, State::Upgrading);
         self.flush(i, now);

@@ -2,10 +2,11 @@
 
 use std::io::{self, Write};
 
-use crate::stats::{self, Lat, RoleCount, Tick, WorkerResult};
+use crate::stats::{self, Lat, RoleCount, Tick, UrlCount, WorkerResult};
 use crate::util::mono_ns;
 
-use super::conn::{role_index, Role, State};
+use super::conn::{role_index, Conn, Role, State};
+use super::held::{self, Held};
 use super::{Engine, Phase};
 
 impl Engine {
@@ -53,7 +54,7 @@ impl Engine {
     pub(super) fn tick(&mut self, now: u64, out: &mut dyn Write) -> anyhow::Result<()> {
         let tick = Tick {
             at_ns: now,
-            ready: self.ready.iter().sum(),
+            ready: self.held.iter().map(Held::ready).sum(),
             target: self.conns.len() as u64,
             counters: self.c.clone(),
             errors: stats::errors(&self.c),
@@ -65,13 +66,33 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn role_count(&self, role: Role) -> RoleCount {
+    /// The connections of `role`, at one URL or (`None`) at all of them.
+    pub(super) fn role_count(&self, role: Role, url: Option<usize>) -> RoleCount {
         let r = role_index(role);
+        let h = match url {
+            Some(u) => self.held[u],
+            None => held::total(&self.held),
+        };
+        let home = |c: &&Conn| url.is_none_or(|u| self.plan.url_of(c.id) as usize == u);
         RoleCount {
-            target: self.conns.iter().filter(|c| c.role == role).count() as u64,
-            ready_at_start: self.ready_t0[r],
-            ready_at_end: self.ready_t1[r],
-            stopped: self.stopped[r],
+            target: self
+                .conns
+                .iter()
+                .filter(|c| c.role == role)
+                .filter(home)
+                .count() as u64,
+            ready_at_start: h.ready_t0[r],
+            ready_at_end: h.ready_t1[r],
+            stopped: h.stopped[r],
+        }
+    }
+
+    pub(super) fn url_count(&self, url: usize) -> UrlCount {
+        UrlCount {
+            agents: self.role_count(Role::Agent, Some(url)),
+            users: self.role_count(Role::User, Some(url)),
+            services: self.role_count(Role::Service, Some(url)),
+            reconnected_elsewhere: self.held[url].reconnected_elsewhere,
         }
     }
 
@@ -99,9 +120,10 @@ impl Engine {
             total: self.c.clone(),
             setup: self.snap_setup.clone(),
             window: self.snap_t1.since(&self.snap_t0),
-            agents: self.role_count(Role::Agent),
-            users: self.role_count(Role::User),
-            services: self.role_count(Role::Service),
+            agents: self.role_count(Role::Agent, None),
+            users: self.role_count(Role::User, None),
+            services: self.role_count(Role::Service, None),
+            urls: (0..self.held.len()).map(|u| self.url_count(u)).collect(),
             errors_by_code: std::mem::take(&mut self.errors_by_code),
             close_codes: std::mem::take(&mut self.close_codes),
             connect_failures: std::mem::take(&mut self.connect_failures),

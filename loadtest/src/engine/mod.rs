@@ -15,6 +15,7 @@ mod conn;
 mod connect;
 mod control;
 mod flat;
+mod held;
 mod inbound;
 mod pace;
 mod phases;
@@ -103,8 +104,8 @@ pub struct Engine {
     pace_player: Pace,
     pace_command: Pace,
     pace_churn: Pace,
-    ready: [u64; 3],
-    stopped: [u64; 3],
+    /// Connections per gateway URL (`plan.targets`), by role.
+    held: Vec<held::Held>,
     attempting: u32,
     pending: HashMap<u64, u64>,
     next_req: u64,
@@ -114,8 +115,6 @@ pub struct Engine {
     snap_setup: Counters,
     snap_t0: Counters,
     snap_t1: Counters,
-    ready_t0: [u64; 3],
-    ready_t1: [u64; 3],
     cpu_t0: u64,
     cpu_t1: u64,
     storm: StormSeen,
@@ -135,20 +134,33 @@ impl Engine {
         let mut conns = Vec::new();
         let (u0, u1) = plan.share(plan.users);
         for u in u0..u1 {
-            conns.push(Conn::new(Role::User, u, 0, plan.max_message));
+            conns.push(Conn::new(
+                Role::User,
+                u,
+                0,
+                plan.url_of(u),
+                plan.max_message,
+            ));
         }
         if plan.service {
             conns.push(Conn::new(
                 Role::Service,
                 plan.proc_index,
                 0,
+                plan.url_of(plan.proc_index),
                 plan.max_message,
             ));
         }
         let agent_base = conns.len();
         let (a0, a1) = plan.share(plan.agents);
         for a in a0..a1 {
-            let mut conn = Conn::new(Role::Agent, a, plan.cluster_of(a), plan.max_message);
+            let mut conn = Conn::new(
+                Role::Agent,
+                a,
+                plan.cluster_of(a),
+                plan.url_of(a),
+                plan.max_message,
+            );
             conn.machine_id = plan.machine_id(a).into();
             conns.push(conn);
         }
@@ -188,8 +200,7 @@ impl Engine {
                 0.0
             }),
             pace_churn: Pace::new(plan.rate_share(plan.churn_rate)),
-            ready: [0; 3],
-            stopped: [0; 3],
+            held: vec![held::Held::default(); plan.targets.len().max(1)],
             attempting: 0,
             pending: HashMap::new(),
             next_req: 0,
@@ -199,8 +210,6 @@ impl Engine {
             snap_setup: Counters::default(),
             snap_t0: Counters::default(),
             snap_t1: Counters::default(),
-            ready_t0: [0; 3],
-            ready_t1: [0; 3],
             cpu_t0: 0,
             cpu_t1: 0,
             storm: StormSeen::default(),

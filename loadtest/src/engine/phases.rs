@@ -5,6 +5,7 @@ use std::io::Write;
 use crate::stats;
 
 use super::conn::{Role, State};
+use super::held::Held;
 use super::{Engine, Phase, MS, QUIET_NS, STORM_DROP, TICK_NS};
 
 impl Engine {
@@ -14,7 +15,7 @@ impl Engine {
             self.open_more(now);
         }
         if self.phase == Phase::Setup {
-            let settled = self.ready.iter().sum::<u64>() + self.stopped.iter().sum::<u64>();
+            let settled: u64 = self.held.iter().map(Held::settled).sum();
             let all = self.opened == self.conns.len() && settled == self.conns.len() as u64;
             let late = now >= self.setup_start + self.plan.setup_timeout_ms * MS;
             if all || late {
@@ -69,7 +70,9 @@ impl Engine {
     pub(super) fn start_window(&mut self) {
         self.phase = Phase::Window;
         self.snap_t0 = self.c.clone();
-        self.ready_t0 = self.ready;
+        for h in &mut self.held {
+            h.ready_t0 = h.ready;
+        }
         self.cpu_t0 = stats::self_cpu_ns();
         for conn in &self.conns {
             if conn.role == Role::User && conn.state == State::Ready {
@@ -98,7 +101,9 @@ impl Engine {
     pub(super) fn end_window(&mut self, now: u64) {
         self.phase = Phase::Drain;
         self.snap_t1 = self.c.clone();
-        self.ready_t1 = self.ready;
+        for h in &mut self.held {
+            h.ready_t1 = h.ready;
+        }
         self.cpu_t1 = stats::self_cpu_ns();
         self.storm.down_at_end = self.agents().filter(|c| c.state != State::Ready).count() as u64;
         for pace in [

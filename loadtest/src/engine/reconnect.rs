@@ -13,7 +13,8 @@ const BACKOFF_MAX_MS: u64 = 30_000;
 impl Engine {
     /// Ends the current connection of `i` and decides what comes next (section 8 of the
     /// protocol): stop for 4001 and 4009, at least 30 s for 4008, `Retry-After` for a 503,
-    /// otherwise a full-jitter exponential backoff from 1 s to 30 s.
+    /// otherwise a full-jitter exponential backoff from 1 s to 30 s. A connection whose
+    /// gateway is gone tries the next URL when there are several.
     pub(super) fn drop_conn(&mut self, i: usize, cause: &str, close_code: Option<u16>, now: u64) {
         let was = self.conns[i].state;
         if let Some(mut sock) = self.conns[i].sock.take() {
@@ -54,7 +55,15 @@ impl Engine {
         conn.backoff_ms = grow_backoff(conn.backoff_ms);
         match next {
             Next::Retry { after_ms } if self.phase != Phase::Done => {
+                // Waiting first: the URL it was counted at changes only once it left Ready.
                 self.set_state(i, State::Waiting);
+                if gateway_gone(cause, close_code) {
+                    let conn = &mut self.conns[i];
+                    if was == State::Ready && conn.left.is_none() {
+                        conn.left = Some(conn.url);
+                    }
+                    conn.url = self.plan.next_url(conn.url);
+                }
                 self.arm(now + after_ms * MS, TimerKind::Reconnect, i);
             }
             _ => self.set_state(i, State::Stopped),
@@ -83,6 +92,21 @@ fn next_step(close_code: Option<u16>, retry_after_ms: u64, jitter: u64, herd: bo
         _ => jitter,
     };
     Next::Retry { after_ms }
+}
+
+/// Whether a lost connection says its gateway is gone (killed, unreachable, hung or shutting
+/// down), so that the next attempt is better made at the next URL: refused, reset, closed
+/// without a close frame, no answer in time, or a close saying it goes away (1001) or
+/// restarts (1012). Any other close code, an HTTP refusal or a protocol error is the gateway
+/// speaking, and a drop of our own says nothing about it: the same URL is tried again.
+fn gateway_gone(cause: &str, close_code: Option<u16>) -> bool {
+    match close_code {
+        Some(code) => matches!(code, 1001 | 1012),
+        None => matches!(
+            cause,
+            "refused" | "reset" | "aborted" | "broken_pipe" | "eof" | "timeout" | "unreachable"
+        ),
+    }
 }
 
 /// The next backoff ceiling: doubled, at most 30 s.
@@ -125,6 +149,27 @@ mod tests {
             next_step(None, 3_000, 7_000, true),
             Next::Retry { after_ms: 7_000 }
         );
+    }
+
+    #[test]
+    fn only_a_gone_gateway_moves_the_connection_elsewhere() {
+        for cause in ["refused", "reset", "eof", "timeout", "broken_pipe"] {
+            assert!(gateway_gone(cause, None), "{cause}");
+        }
+        assert!(gateway_gone("close_1001", Some(1001)));
+        assert!(gateway_gone("close_1012", Some(1012)));
+        for (cause, code) in [
+            ("close_1000", Some(1000)),
+            ("close_4008", Some(4008)),
+            ("close_1011", Some(1011)),
+            ("http_503", None),
+            ("protocol_error_1002", None),
+            (STORM_DROP, None),
+            (CHURN_DROP, None),
+            ("write_backlog", None),
+        ] {
+            assert!(!gateway_gone(cause, code), "{cause}");
+        }
     }
 
     #[test]
