@@ -73,6 +73,7 @@ fn json_and_html_reports_are_complete() {
         "duration_s",
         "setup",
         "connections",
+        "urls",
         "counts",
         "totals",
         "deliveries",
@@ -120,6 +121,12 @@ fn json_and_html_reports_are_complete() {
     assert!(timeline.iter().any(|p| p["gateway_cpu"].is_number()));
     assert!(r["percentile_curve"].as_array().unwrap().len() > 10);
     assert_eq!(n(&r, "/lost"), 0);
+    let urls = r["urls"].as_array().unwrap();
+    assert_eq!(urls.len(), 1, "one --url: {urls:?}");
+    assert_eq!(urls[0]["url"], gw.url());
+    assert_eq!(n(&urls[0], "/agents/ready_at_end"), 12);
+    assert_eq!(n(&urls[0], "/users/target"), 3);
+    assert_eq!(n(&urls[0], "/reconnected_elsewhere"), 0);
 
     let page = std::fs::read_to_string(&html).expect("the HTML page");
     assert!(page.starts_with("<!DOCTYPE html>"));

@@ -2,12 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use arcgate::auth::{mint_hs256, TokenSpec};
 use serde_json::Value;
 
 pub const SECRET: &str = "load-test-secret-0123456789abcdef";
@@ -92,6 +94,80 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `GET path` on the admin listener with a service token: the status and the body.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock")
+            .as_secs();
+        let spec = TokenSpec {
+            role: "service".into(),
+            sub: "load-tests".into(),
+            ttl: Duration::from_secs(600),
+            ..TokenSpec::default()
+        };
+        let token = mint_hs256(SECRET, &spec, now);
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin)).expect("the admin listener");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: arcgate\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text)
+            .expect("an answer from the admin listener");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {head:?}"));
+        (status, body.to_string())
+    }
+
+    /// A value of the gateway's `/metrics`, e.g. `arcgate_connections{role="agent"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Authenticated connections per role: (agents, users, services).
+    pub fn connections(&self) -> (u64, u64, u64) {
+        let role = |r: &str| self.metric(&format!("arcgate_connections{{role=\"{r}\"}}")) as u64;
+        (role("agent"), role("user"), role("service"))
+    }
+
+    /// The machine ids `GET /v1/machines` lists.
+    pub fn machines(&self) -> Vec<String> {
+        let (status, body) = self.admin_get("/v1/machines");
+        assert_eq!(status, 200, "/v1/machines: {body}");
+        let list: Vec<Value> = serde_json::from_str(&body).expect("a JSON list of machines");
+        list.iter()
+            .map(|m| m["machineId"].as_str().expect("a machineId").to_string())
+            .collect()
+    }
+}
+
+/// Polls `probe` until `done` holds for what it returns; panics after 30 s with the last value.
+pub fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = probe();
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {v:?} after 30 s");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
