@@ -39,7 +39,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn next_src(&mut self) -> Option<std::net::Ipv4Addr> {
+    fn next_src(&mut self) -> Option<std::net::Ipv4Addr> {
         if self.plan.sources.is_empty() {
             return None;
         }
@@ -110,7 +110,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_connecting(&mut self, i: usize, now: u64) {
+    fn on_connecting(&mut self, i: usize, now: u64) {
         let Some(sock) = self.conns[i].sock.as_ref() else {
             return;
         };
@@ -143,7 +143,7 @@ impl Engine {
     /// Reads until the socket is empty. After a short read the socket is known to be empty
     /// and data arriving later raises a new edge, so the read that would only say EAGAIN is
     /// saved, unless the peer's FIN already came with this event (no edge would follow).
-    pub(super) fn read_all(&mut self, i: usize, rbuf: &mut [u8], read_closed: bool) {
+    fn read_all(&mut self, i: usize, rbuf: &mut [u8], read_closed: bool) {
         loop {
             let gen = self.conns[i].gen;
             let Some(sock) = self.conns[i].sock.as_mut() else {
@@ -171,7 +171,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_bytes(&mut self, i: usize, buf: &mut [u8], now: u64) {
+    fn on_bytes(&mut self, i: usize, buf: &mut [u8], now: u64) {
         if self.conns[i].state == State::Upgrading {
             let conn = &mut self.conns[i];
             conn.head.extend_from_slice(buf);
@@ -200,7 +200,7 @@ impl Engine {
         self.decode(i, buf, now);
     }
 
-    pub(super) fn decode(&mut self, i: usize, buf: &mut [u8], now: u64) {
+    fn decode(&mut self, i: usize, buf: &mut [u8], now: u64) {
         let gen = self.conns[i].gen;
         let mut dec = std::mem::replace(&mut self.conns[i].dec, Decoder::new_client(0));
         let result = dec.decode(buf, |m| self.on_message(i, gen, m, now));

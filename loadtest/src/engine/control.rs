@@ -31,7 +31,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_control(&mut self, line: &str) {
+    fn on_control(&mut self, line: &str) {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("go") => {
@@ -67,7 +67,7 @@ impl Engine {
     }
 
     /// The connections of `role`, at one URL or (`None`) at all of them.
-    pub(super) fn role_count(&self, role: Role, url: Option<usize>) -> RoleCount {
+    fn role_count(&self, role: Role, url: Option<usize>) -> RoleCount {
         let r = role_index(role);
         let h = match url {
             Some(u) => self.held[u],
@@ -87,7 +87,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn url_count(&self, url: usize) -> UrlCount {
+    fn url_count(&self, url: usize) -> UrlCount {
         UrlCount {
             agents: self.role_count(Role::Agent, Some(url)),
             users: self.role_count(Role::User, Some(url)),

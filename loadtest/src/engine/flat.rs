@@ -23,7 +23,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn fill_one(&mut self, i: usize, now: u64) {
+    fn fill_one(&mut self, i: usize, now: u64) {
         let Some(what) = self.plan.flat_out else {
             return;
         };
@@ -65,7 +65,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn ping(&mut self, i: usize, now: u64) {
+    fn ping(&mut self, i: usize, now: u64) {
         let mask = self.rng.mask();
         let conn = &mut self.conns[i];
         conn.flat_pinged = conn.flat_sent;

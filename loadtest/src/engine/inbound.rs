@@ -48,7 +48,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_text(&mut self, i: usize, t: &str, now: u64) {
+    fn on_text(&mut self, i: usize, t: &str, now: u64) {
         let Some(event) = msg::event(t) else {
             self.c.inc(C::Other);
             return;
@@ -97,7 +97,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_delivery(&mut self, i: usize, t: &str, now: u64) {
+    fn on_delivery(&mut self, i: usize, t: &str, now: u64) {
         self.c.inc(C::Deliveries);
         let Relay::Ours(Relayed {
             agent,

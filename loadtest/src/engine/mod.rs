@@ -3,10 +3,11 @@
 //! the project's own frame decoder in the client role.
 //!
 //! This file holds the engine's state, its loop and its timers; the rest is split by concern:
-//! `conn` (one connection's state), `connect` (opening one), `auth`, `inbound` (what the
-//! gateway sends), `write`, `reconnect` (losing one and what comes next), `phases` (setup,
-//! window, storm, drain), `pace` (fleet-wide rates), `agent`, `commands` (the service),
-//! `flat` (flat-out sending) and `control` (the coordinator's pipe and the result).
+//! `conn` (one connection's state), `held` (connections per gateway URL and role),
+//! `connect` (opening one), `auth`, `inbound` (what the gateway sends), `write`,
+//! `reconnect` (losing one and what comes next, at which URL), `phases` (setup, window,
+//! storm, drain), `pace` (fleet-wide rates), `agent`, `commands` (the service), `flat`
+//! (flat-out sending) and `control` (the coordinator's pipe and the result).
 
 mod agent;
 mod auth;

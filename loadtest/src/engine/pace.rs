@@ -20,7 +20,7 @@ impl Pace {
         }
     }
 
-    pub(super) fn active(&self) -> bool {
+    fn active(&self) -> bool {
         self.per_s > 0.0 && self.start > 0
     }
 
@@ -71,7 +71,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn random_agent(&mut self) -> Option<usize> {
+    fn random_agent(&mut self) -> Option<usize> {
         let n = (self.conns.len() - self.agent_base) as u64;
         (n > 0).then(|| self.agent_base + self.rng.below(n) as usize)
     }

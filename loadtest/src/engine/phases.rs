@@ -54,7 +54,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn open_more(&mut self, now: u64) {
+    fn open_more(&mut self, now: u64) {
         let limit = self.plan.concurrency.max(1);
         while self.opened < self.conns.len() && self.attempting < limit {
             if self.pace_connect.per_s > 0.0 && self.pace_connect.due(now) == 0 {
@@ -67,7 +67,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn start_window(&mut self) {
+    fn start_window(&mut self) {
         self.phase = Phase::Window;
         self.snap_t0 = self.c.clone();
         for h in &mut self.held {
@@ -98,7 +98,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn end_window(&mut self, now: u64) {
+    fn end_window(&mut self, now: u64) {
         self.phase = Phase::Drain;
         self.snap_t1 = self.c.clone();
         for h in &mut self.held {
@@ -118,7 +118,7 @@ impl Engine {
         self.last_activity = self.last_activity.max(now);
     }
 
-    pub(super) fn start_storm(&mut self, now: u64) {
+    fn start_storm(&mut self, now: u64) {
         let drop = self.plan.storm.as_ref().is_some_and(|s| s.drop);
         // Every agent connection lost from now on counts as lost to the storm.
         self.storm_started = true;
