@@ -162,3 +162,70 @@ fn every_setting_is_read_from_its_variable() {
         }
     }
 }
+
+fn read_doc(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The same value written two ways (`90s` and `1m 30s`, `"auto"` and `auto`) compares equal.
+fn same_value(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_matches('"'), b.trim_matches('"'));
+    match (humantime::parse_duration(a), humantime::parse_duration(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+#[test]
+fn readme_table_gives_the_declared_defaults() {
+    let readme = read_doc("README.md");
+    let mut checked = 0;
+    for row in readme.lines().filter(|l| l.starts_with("| `--")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        // The backticked parts: the flags, and the defaults written as values.
+        let quoted = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(String::from)
+                .collect()
+        };
+        let (flags, defaults) = (quoted(cells[0]), quoted(cells[1]));
+        for (i, flag) in flags.iter().enumerate() {
+            let key = flag[2..].split(' ').next().unwrap().replace('-', "_");
+            let Some(setting) = arcgate::config::settings().iter().find(|s| s.name == key) else {
+                continue;
+            };
+            let Some(value) = defaults.get(i).or(defaults.first()) else {
+                continue;
+            };
+            let declared = setting.default.as_deref().unwrap_or_default();
+            assert!(same_value(value, declared), "{row}: {key} is {declared}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}
+
+#[test]
+fn operations_guide_names_the_restart_only_settings() {
+    use arcgate::config::Reload;
+    let guide = read_doc("docs/operations.md").replace('\n', " ");
+    let list = guide
+        .split_once("The other keys (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(list, _)| list)
+        .unwrap();
+    let mut named: Vec<&str> = list
+        .split(',')
+        .map(|k| k.trim().trim_matches('`'))
+        .collect();
+    let mut declared: Vec<&str> = arcgate::config::settings()
+        .iter()
+        .filter(|s| s.reload == Reload::No)
+        .map(|s| s.name)
+        .collect();
+    named.sort();
+    declared.sort();
+    assert_eq!(named, declared);
+}
