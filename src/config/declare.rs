@@ -1,4 +1,4 @@
-//! `settings!`: one table of settings becomes the `Config` fields, their defaults, the flags and `ARCGATE_*` variables, file keys, validation, rendering and the example file.
+//! `settings!`: one entry per setting makes its field, default, flag, variable, file key, checks, rendering and example.
 //!
 //! Each entry of the table reads
 //!

@@ -1,4 +1,4 @@
-//! The TOML file of `--config`: read into the shape of the flags, and the example file written from the settings table.
+//! The `--config` TOML file: read into the shape of the flags; the example file written from the table.
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! One `Config` for `serve`: defaults < TOML file < `ARCGATE_*` environment < flags, validated once; every setting declared once in `settings!` below.
+//! One `Config` for `serve`, each setting declared once below: defaults < file < `ARCGATE_*` < flags.
 
 #[macro_use]
 mod declare;
@@ -17,7 +17,9 @@ use crate::auth::{KeySource, Verifier};
 use declare::toml_of;
 pub use declare::{Extra, Reload, Setting};
 pub use file::example_file;
-use kinds::{AtLeast, Bytes, Choice, Dur, File, Kind, LogLevel, Origins, Secret, Text, Unset};
+use kinds::{
+    Addr, AtLeast, Bytes, Choice, Dur, File, Kind, LogLevel, Origins, Secret, Text, Unset,
+};
 
 /// Which io backend runs the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,16 +58,18 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-// The settings of `serve`, in the order of the example file and of the error messages.
+// The settings of `serve`: adding one is adding an entry (the grammar is in declare.rs), then
+// `cargo run -- example-config > packaging/arcgate.toml`. The order is that of the example
+// file, of `check-config` and of the error messages.
 settings! {
     #[section = "Listeners"]
     /// WebSocket listener (/ws/agent, /ws/client)
     /// Ignored when systemd passes the socket (arcgate.socket).
-    listen: SocketAddr = addr([0, 0, 0, 0], 8080), kinds::Addr, reload: No;
+    listen: SocketAddr = addr([0, 0, 0, 0], 8080), Addr, reload: No;
     /// Admin HTTP listener: health, metrics, backend API
     /// /healthz, /readyz, /metrics and /v1/*. Health and metrics need no token: keep it on
     /// a private address.
-    admin_listen: SocketAddr = addr([127, 0, 0, 1], 9090), kinds::Addr, reload: No;
+    admin_listen: SocketAddr = addr([127, 0, 0, 1], 9090), Addr, reload: No;
 
     #[section = "Tokens"]
     /// HS256 shared secret for tokens
