@@ -25,6 +25,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Print the effective configuration of `serve` (secrets masked), or what is wrong with it
     CheckConfig(ServeArgs),
+    /// Print the example configuration file: every key with its default, commented out
+    ExampleConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +137,10 @@ pub fn run(cli: Cli, run_server: RunServer) -> ExitCode {
         Command::Serve(args) => serve(args, run_server),
         Command::Token(args) => token(&args),
         Command::CheckConfig(args) => check_config(args),
+        Command::ExampleConfig => {
+            print!("{}", arcgate::config::example_file());
+            ExitCode::SUCCESS
+        }
     }
 }
 

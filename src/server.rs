@@ -229,36 +229,10 @@ impl Control {
     }
 }
 
-/// The keys that differ between `old` and `new` and are read only at start.
+/// The keys that differ between `old` and `new` and are read only at start (the
+/// settings table marks them `reload: No`).
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |key, changed: bool| {
-        if changed {
-            out.push(key);
-        }
-    };
-    check("listen", old.listen != new.listen);
-    check("admin_listen", old.admin_listen != new.admin_listen);
-    check("workers", old.workers != new.workers);
-    check("io", old.io != new.io);
-    check(
-        "max_connections",
-        old.max_connections != new.max_connections,
-    );
-    check(
-        "max_connection_rate",
-        old.max_connection_rate != new.max_connection_rate,
-    );
-    check(
-        "max_outbound_bytes",
-        old.max_outbound_bytes != new.max_outbound_bytes,
-    );
-    check(
-        "max_pending_handshakes",
-        old.max_pending_handshakes != new.max_pending_handshakes,
-    );
-    check("log_format", old.log_format != new.log_format);
-    out
+    old.restart_only_changes(new)
 }
 
 /// Catches the signals from now on; they are acted on once the signal thread runs.
