@@ -15,7 +15,8 @@ use dashmap::DashMap;
 use indexmap::{IndexMap, IndexSet};
 
 use crate::auth::{Identity, Role};
-use crate::io::conns::{ConnMap, Queued};
+use crate::conn::ConnMap;
+use crate::io::conns::Queued;
 use crate::io::{ConnId, Conns, Notifier};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::protocol::envelope::{self, ErrorCode};
