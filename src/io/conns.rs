@@ -22,16 +22,6 @@ pub(crate) enum State {
     Teardown,
 }
 
-/// The outcome of queueing a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
-    Ok,
-    /// Queued, but the connection's outbound bytes now exceed the cap: close it (1013).
-    Overflow,
-    /// The connection is closing or gone; nothing was queued.
-    Gone,
-}
-
 /// Frames waiting to be written to one connection. Holds no heap memory while empty.
 #[derive(Debug, Default)]
 pub(crate) struct OutQueue {
@@ -115,6 +105,8 @@ pub(crate) struct Slot {
     pub fd: i32,
     pub out: OutQueue,
     pub dirty: bool,
+    /// Listed in `Conns::overflowed`: its queue passed the cap.
+    pub overflowed: bool,
     /// A send is in flight (io_uring): its iovecs point into `out`.
     pub sending: bool,
     /// io_uring: a multishot receive is armed / a shutdown is in flight / the close was
@@ -132,6 +124,9 @@ pub struct Conns {
     slots: Vec<Slot>,
     free: Vec<u32>,
     dirty: Vec<u32>,
+    /// Connections whose queue passed `max_outbound` since the owner last looked; each
+    /// listed once.
+    overflowed: Vec<ConnId>,
     /// Connections waiting to be forced shut, in deadline order.
     lingering: VecDeque<(Instant, ConnId)>,
     max_outbound: usize,
@@ -144,6 +139,7 @@ impl Conns {
             slots: Vec::new(),
             free: Vec::new(),
             dirty: Vec::new(),
+            overflowed: Vec::new(),
             lingering: VecDeque::new(),
             max_outbound,
             live: 0,
@@ -151,23 +147,32 @@ impl Conns {
     }
 
     /// Queues a frame; it is written at the end of this loop turn together with the
-    /// connection's other queued frames.
-    pub fn send(&mut self, id: ConnId, frame: Bytes) -> Queued {
+    /// connection's other queued frames. `false`: the connection is closing or gone and
+    /// nothing was queued. A queue that passes the cap puts the connection on the
+    /// overflow list (`pop_overflowed`).
+    pub fn send(&mut self, id: ConnId, frame: Bytes) -> bool {
         let max = self.max_outbound;
         let Some(slot) = self.open_slot(id) else {
-            return Queued::Gone;
+            return false;
         };
         slot.out.push(frame);
-        let over = slot.out.bytes > max;
+        let over = slot.out.bytes > max && !slot.overflowed;
+        if over {
+            slot.overflowed = true;
+        }
         if !slot.dirty {
             slot.dirty = true;
             self.dirty.push(id.slot);
         }
         if over {
-            Queued::Overflow
-        } else {
-            Queued::Ok
+            self.overflowed.push(id);
         }
+        true
+    }
+
+    /// A connection whose outbound queue passed the cap: the owner closes it (1013).
+    pub fn pop_overflowed(&mut self) -> Option<ConnId> {
+        self.overflowed.pop()
     }
 
     /// Closes gracefully: what is queued is written, then writing is shut down and the
@@ -225,6 +230,7 @@ impl Conns {
             fd,
             out: OutQueue::default(),
             dirty: false,
+            overflowed: false,
             sending: false,
             recv_armed: false,
             shutting: false,
@@ -432,9 +438,29 @@ mod tests {
         c.remove(a);
         let b = c.insert(8);
         assert_eq!(a.slot, b.slot);
-        assert_eq!(c.send(a, Bytes::from_static(b"x")), Queued::Gone);
-        assert_eq!(c.send(b, Bytes::from_static(b"x")), Queued::Ok);
-        assert_eq!(c.send(b, Bytes::from_static(&[0; 10])), Queued::Overflow);
+        assert!(!c.send(a, Bytes::from_static(b"x")));
+        assert!(c.send(b, Bytes::from_static(b"x")));
+        assert_eq!(c.pop_overflowed(), None);
+    }
+
+    #[test]
+    fn a_connection_passing_the_cap_is_listed_once() {
+        let mut c = Conns::new(10);
+        let (a, b) = (c.insert(7), c.insert(8));
+        assert!(c.send(a, Bytes::from_static(&[0; 10])));
+        assert_eq!(c.pop_overflowed(), None);
+        for _ in 0..3 {
+            assert!(c.send(a, Bytes::from_static(b"x")));
+        }
+        assert!(c.send(b, Bytes::from_static(&[0; 11])));
+        assert_eq!(c.pop_overflowed(), Some(b));
+        assert_eq!(c.pop_overflowed(), Some(a));
+        assert_eq!(c.pop_overflowed(), None);
+        // The slot's next connection starts with a clean record.
+        c.remove(a);
+        let a2 = c.insert(9);
+        assert!(c.send(a2, Bytes::from_static(&[0; 11])));
+        assert_eq!(c.pop_overflowed(), Some(a2));
     }
 
     #[test]
