@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use arcgate::io::{epoll::EpollLoop, listener, uring, ConnId, Conns, Handler, Notifier};
+use arcgate::io::{self, listener, Backend, ConnId, Conns, Handler, Notifier};
 use arcgate::protocol::codec::{self, Decoder, Flow, Message};
 use arcgate::protocol::handshake::{self, Outcome, Policy};
 
@@ -143,10 +143,18 @@ fn main() -> anyhow::Result<()> {
     };
     let mut conns = Conns::new(usize::MAX);
     eprintln!("echo listening on {} ({})", args.listen, args.io);
-    if args.io == "epoll" {
-        EpollLoop::new(listener, notifier)?.run(&mut conns, &mut echo)?;
-    } else {
-        uring::UringLoop::new(listener, notifier, 1024)?.run(&mut conns, &mut echo)?;
-    }
+    let backend = match args.io.as_str() {
+        "epoll" => Backend::Epoll,
+        _ => Backend::Uring,
+    };
+    io::run(
+        backend,
+        listener,
+        notifier,
+        1024,
+        &mut conns,
+        &mut echo,
+        || {},
+    )?;
     Ok(())
 }

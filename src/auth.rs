@@ -100,15 +100,72 @@ pub enum KeySource {
     PublicKeyPem(Vec<u8>),
 }
 
-/// Why a token was refused; the text goes into `AUTH_FAILED`'s message
-/// ("bad signature", "token expired", "missing claim: sub", …).
+/// Why authentication failed, as counted (`arcgate_auth_failures_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    BadSignature,
+    Expired,
+    NotYetValid,
+    Revoked,
+    WrongAlgorithm,
+    WrongIssuer,
+    WrongAudience,
+    /// A claim missing, of the wrong type, or an unknown role.
+    BadClaims,
+    MalformedToken,
+    /// A token of another role than the endpoint's.
+    WrongRole,
+    /// An agent's `machineId` missing or not its token's `sub`.
+    MachineId,
+    /// Something else than `auth` came first.
+    NotAuth,
+    /// A re-auth with a token of another identity.
+    IdentityChanged,
+    /// No `auth` in time.
+    Timeout,
+    Other,
+}
+
+impl AuthFailure {
+    /// The metric labels, in variant order.
+    pub const LABELS: [&'static str; 15] = [
+        "bad_signature",
+        "expired",
+        "not_yet_valid",
+        "revoked",
+        "wrong_algorithm",
+        "wrong_issuer",
+        "wrong_audience",
+        "bad_claims",
+        "malformed_token",
+        "wrong_role",
+        "machine_id",
+        "not_auth",
+        "identity_changed",
+        "timeout",
+        "other",
+    ];
+
+    pub fn label(self) -> &'static str {
+        Self::LABELS[self as usize]
+    }
+}
+
+/// Why a token was refused: the reason, and the text that goes into `AUTH_FAILED`'s
+/// message ("bad signature", "token expired", "missing claim: sub", …).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct AuthError(pub String);
+#[error("{message}")]
+pub struct AuthError {
+    pub reason: AuthFailure,
+    pub message: String,
+}
 
 impl AuthError {
-    fn new(msg: impl Into<String>) -> AuthError {
-        AuthError(msg.into())
+    pub fn new(reason: AuthFailure, message: impl Into<String>) -> AuthError {
+        AuthError {
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -233,16 +290,16 @@ impl Verifier {
     /// the role's claims, against `now` (Unix seconds) with the configured leeway.
     pub fn verify(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| AuthError::new(decode_error_text(e.kind())))?
+            .map_err(|e| decode_error(e.kind()))?
             .claims;
         let exp = required_time(claims.exp, "exp")?;
         let sub = required_text(claims.sub, "sub")?;
         self.check_times(exp, claims.nbf, now)?;
         let iat = optional_time(claims.iat, "iat")?;
         let role = match claims.role {
-            Claim::Absent => return Err(AuthError::new("missing claim: role")),
-            Claim::Present(r) => Role::parse(&r).ok_or_else(|| AuthError::new("unknown role"))?,
-            Claim::Invalid => return Err(AuthError::new("unknown role")),
+            Claim::Absent => return Err(missing("role")),
+            Claim::Present(r) => Role::parse(&r).ok_or_else(unknown_role)?,
+            Claim::Invalid => return Err(unknown_role()),
         };
         let mut id = Identity {
             role,
@@ -262,7 +319,7 @@ impl Verifier {
             Role::Service => {}
         }
         if self.revocations.as_ref().is_some_and(|r| r.is_revoked(&id)) {
-            return Err(AuthError::new("token revoked"));
+            return Err(AuthError::new(AuthFailure::Revoked, "token revoked"));
         }
         Ok(id)
     }
@@ -270,11 +327,12 @@ impl Verifier {
     /// `exp + leeway > now` and, when present, `nbf - leeway <= now`.
     fn check_times(&self, exp: u64, nbf: Claim<f64>, now: u64) -> Result<(), AuthError> {
         if exp.saturating_add(self.leeway) <= now {
-            return Err(AuthError::new("token expired"));
+            return Err(AuthError::new(AuthFailure::Expired, "token expired"));
         }
         if let Some(nbf) = optional_time(nbf, "nbf")? {
             if nbf.saturating_sub(self.leeway) > now {
-                return Err(AuthError::new("token not yet valid"));
+                let reason = AuthFailure::NotYetValid;
+                return Err(AuthError::new(reason, "token not yet valid"));
             }
         }
         Ok(())
@@ -303,24 +361,26 @@ fn validation(algorithm: Algorithm, issuer: Option<&str>, audience: Option<&str>
     v
 }
 
-fn decode_error_text(kind: &ErrorKind) -> String {
-    match kind {
+fn decode_error(kind: &ErrorKind) -> AuthError {
+    use AuthFailure as F;
+    let (reason, message) = match kind {
         ErrorKind::InvalidSignature
         | ErrorKind::InvalidEcdsaKey
         | ErrorKind::InvalidEddsaKey
         | ErrorKind::InvalidRsaKey(_)
-        | ErrorKind::InvalidKeyFormat => "bad signature".to_string(),
+        | ErrorKind::InvalidKeyFormat => (F::BadSignature, "bad signature"),
         ErrorKind::InvalidAlgorithm
         | ErrorKind::UnsupportedAlgorithm
-        | ErrorKind::InvalidAlgorithmName => "wrong algorithm".to_string(),
-        ErrorKind::InvalidIssuer => "wrong issuer".to_string(),
-        ErrorKind::InvalidAudience => "wrong audience".to_string(),
-        ErrorKind::MissingRequiredClaim(claim) => format!("missing claim: {claim}"),
-        ErrorKind::InvalidClaimFormat(claim) => format!("invalid claim: {claim}"),
-        ErrorKind::ExpiredSignature => "token expired".to_string(),
-        ErrorKind::ImmatureSignature => "token not yet valid".to_string(),
-        _ => "malformed token".to_string(),
-    }
+        | ErrorKind::InvalidAlgorithmName => (F::WrongAlgorithm, "wrong algorithm"),
+        ErrorKind::InvalidIssuer => (F::WrongIssuer, "wrong issuer"),
+        ErrorKind::InvalidAudience => (F::WrongAudience, "wrong audience"),
+        ErrorKind::MissingRequiredClaim(claim) => return missing(claim),
+        ErrorKind::InvalidClaimFormat(claim) => return invalid(claim),
+        ErrorKind::ExpiredSignature => (F::Expired, "token expired"),
+        ErrorKind::ImmatureSignature => (F::NotYetValid, "token not yet valid"),
+        _ => (F::MalformedToken, "malformed token"),
+    };
+    AuthError::new(reason, message)
 }
 
 fn algorithm_name(alg: Algorithm) -> &'static str {
@@ -451,11 +511,15 @@ struct Claims {
 }
 
 fn invalid(name: &str) -> AuthError {
-    AuthError::new(format!("invalid claim: {name}"))
+    AuthError::new(AuthFailure::BadClaims, format!("invalid claim: {name}"))
+}
+
+fn unknown_role() -> AuthError {
+    AuthError::new(AuthFailure::BadClaims, "unknown role")
 }
 
 fn missing(name: &str) -> AuthError {
-    AuthError::new(format!("missing claim: {name}"))
+    AuthError::new(AuthFailure::BadClaims, format!("missing claim: {name}"))
 }
 
 fn optional_time(claim: Claim<f64>, name: &str) -> Result<Option<u64>, AuthError> {
@@ -589,8 +653,31 @@ mod tests {
         claims
     }
 
+    /// The refusal's message, after checking that its reason is the one the message
+    /// stands for.
     fn refused(verifier: &Verifier, token: &str) -> String {
-        verifier.verify(token, NOW).unwrap_err().0
+        let e = verifier.verify(token, NOW).unwrap_err();
+        assert_eq!(e.reason, reason_of(&e.message), "{}", e.message);
+        e.message
+    }
+
+    fn reason_of(message: &str) -> AuthFailure {
+        use AuthFailure as F;
+        match message {
+            "bad signature" => F::BadSignature,
+            "token expired" => F::Expired,
+            "token not yet valid" => F::NotYetValid,
+            "token revoked" => F::Revoked,
+            "wrong algorithm" => F::WrongAlgorithm,
+            "wrong issuer" => F::WrongIssuer,
+            "wrong audience" => F::WrongAudience,
+            "malformed token" => F::MalformedToken,
+            "unknown role" => F::BadClaims,
+            m if m.starts_with("missing claim: ") || m.starts_with("invalid claim: ") => {
+                F::BadClaims
+            }
+            m => panic!("unexpected message {m:?}"),
+        }
     }
 
     #[test]
@@ -750,7 +837,9 @@ mod tests {
         assert_eq!(refused(&v, &at(0)), "token expired");
         assert!(v.verify(&at(NOW + 60), NOW + 60 + LEEWAY - 1).is_ok());
         assert_eq!(
-            v.verify(&at(NOW + 60), NOW + 60 + LEEWAY).unwrap_err().0,
+            v.verify(&at(NOW + 60), NOW + 60 + LEEWAY)
+                .unwrap_err()
+                .message,
             "token expired"
         );
     }
@@ -978,16 +1067,19 @@ mod tests {
         assert!(v.verify(&old, NOW).is_ok());
         revocations.revoke("mch_1", NOW + 1).unwrap();
         assert_eq!(revocations.len(), 1);
-        assert_eq!(v.verify(&old, NOW).unwrap_err().0, "token revoked");
+        assert_eq!(v.verify(&old, NOW).unwrap_err().message, "token revoked");
         // Issued at the revocation time or later: accepted.
         let fresh = hs(with(agent_claims(), "iat", json!(NOW + 1)));
         assert!(v.verify(&fresh, NOW + 1).is_ok());
         // No iat: nothing proves it is newer.
         let undated = hs(without(agent_claims(), "iat"));
-        assert_eq!(v.verify(&undated, NOW).unwrap_err().0, "token revoked");
+        assert_eq!(
+            v.verify(&undated, NOW).unwrap_err().message,
+            "token revoked"
+        );
         // An earlier time never shortens a revocation.
         revocations.revoke("mch_1", NOW - 100).unwrap();
-        assert_eq!(v.verify(&old, NOW).unwrap_err().0, "token revoked");
+        assert_eq!(v.verify(&old, NOW).unwrap_err().message, "token revoked");
         assert_eq!(revocations.len(), 1);
         // Other subjects are unaffected.
         let other = hs(with(agent_claims(), "sub", json!("mch_2")));

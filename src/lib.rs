@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod hub;
 pub mod io;
 pub mod logging;

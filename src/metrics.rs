@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::auth::AuthFailure;
 use crate::protocol::session::Observer;
 
 use prometheus_client::collector::Collector;
@@ -112,71 +113,32 @@ pub fn reject_index(status: u16) -> usize {
         .unwrap_or(REJECT_STATUSES.len() - 1)
 }
 
-/// Why a connection was refused at accept.
+/// Labels of `arcgate_refused_total`, in `Refusal` order.
 pub const REFUSALS: [&str; 4] = ["capacity", "rate", "draining", "handshakes"];
-/// The index in `REFUSALS` of a refusal because the worker's handshake queue was full.
-pub const REFUSED_HANDSHAKES: usize = 3;
 
-/// Reasons of `arcgate_auth_failures_total`.
-pub const AUTH_REASONS: [&str; 15] = [
-    "bad_signature",
-    "expired",
-    "not_yet_valid",
-    "revoked",
-    "wrong_algorithm",
-    "wrong_issuer",
-    "wrong_audience",
-    "bad_claims",
-    "malformed_token",
-    "wrong_role",
-    "machine_id",
-    "not_auth",
-    "identity_changed",
-    "timeout",
-    "other",
-];
-pub const AUTH_TIMEOUT: usize = 13;
-
-/// The reason label of an `AUTH_FAILED` message (the texts of auth.rs and the session).
-pub fn auth_reason_index(message: &str) -> usize {
-    let m = message;
-    let i = if m == "bad signature" {
-        0
-    } else if m == "token expired" {
-        1
-    } else if m == "token not yet valid" {
-        2
-    } else if m == "token revoked" {
-        3
-    } else if m == "wrong algorithm" {
-        4
-    } else if m == "wrong issuer" {
-        5
-    } else if m == "wrong audience" {
-        6
-    } else if m.starts_with("missing claim")
-        || m.starts_with("invalid claim")
-        || m == "unknown role"
-    {
-        7
-    } else if m == "malformed token" {
-        8
-    } else if m.starts_with("wrong role") {
-        9
-    } else if m.contains("machineId") {
-        10
-    } else if m.starts_with("expected auth") {
-        11
-    } else if m.contains("another identity") {
-        12
-    } else {
-        14
-    };
-    debug_assert!(i < AUTH_REASONS.len());
-    i
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` reached.
+    Capacity,
+    /// `max_connection_rate` exceeded.
+    Rate,
+    /// The gateway is shutting down.
+    Draining,
+    /// The worker's connections in the handshake reached `max_pending_handshakes`.
+    Handshakes,
 }
 
-/// Outcomes of `arcgate_commands_total`.
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        REFUSALS[self as usize]
+    }
+}
+
+/// Reasons of `arcgate_auth_failures_total`, in `AuthFailure` order.
+pub const AUTH_REASONS: [&str; 15] = AuthFailure::LABELS;
+
+/// Labels of `arcgate_commands_total`, in `CommandOutcome` order.
 pub const OUTCOMES: [&str; 6] = [
     "answered",
     "timeout",
@@ -185,6 +147,24 @@ pub const OUTCOMES: [&str; 6] = [
     "forbidden",
     "draining",
 ];
+
+/// How a command ended, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandOutcome {
+    Answered,
+    Timeout,
+    /// The agent went away before answering.
+    Disconnected,
+    NotConnected,
+    Forbidden,
+    Draining,
+}
+
+impl CommandOutcome {
+    pub fn label(self) -> &'static str {
+        OUTCOMES[self as usize]
+    }
+}
 
 /// Upper bounds (seconds) of the command round-trip histogram.
 pub const ROUND_TRIP_BUCKETS: [f64; 13] = [
@@ -748,13 +728,13 @@ impl Observer for WorkerMetrics {
         self.rate_limited.add(1);
     }
 
-    fn auth_failed(&self, message: &str) {
-        self.auth_failures[auth_reason_index(message)].add(1);
+    fn auth_failed(&self, reason: AuthFailure, message: &str) {
+        self.auth_failures[reason as usize].add(1);
         tracing::debug!(reason = message, "AUTH_FAILED");
     }
 
     fn auth_timeout(&self) {
-        self.auth_failures[AUTH_TIMEOUT].add(1);
+        self.auth_failures[AuthFailure::Timeout as usize].add(1);
         tracing::debug!("AUTH_TIMEOUT");
     }
 
@@ -850,7 +830,7 @@ mod tests {
         w0.ping();
         w0.closed(1012);
         w1.closed(4321);
-        w0.auth_failed("bad signature");
+        w0.auth_failed(AuthFailure::BadSignature, "bad signature");
         w1.auth_timeout();
         w0.rejected(426);
         w0.rate_limited();
@@ -859,7 +839,7 @@ mod tests {
         w1.connections[1].sub(1);
         w0.bytes_in.add(100);
         w1.bytes_in.add(23);
-        w0.commands[0].add(1);
+        w0.commands[CommandOutcome::Answered as usize].add(1);
         w0.round_trip.observe(Duration::from_millis(3));
         w1.round_trip.observe(Duration::from_millis(700));
         w1.round_trip.observe(Duration::from_secs(100));
@@ -932,19 +912,13 @@ mod tests {
         assert_eq!(CLOSE_CODES[close_index(1006)], "1006");
         assert_eq!(CLOSE_CODES[close_index(3000)], "other");
         assert_eq!(REJECT_STATUSES[reject_index(599)], "other");
-        let reason = |m: &str| AUTH_REASONS[auth_reason_index(m)];
-        assert_eq!(reason("token expired"), "expired");
-        assert_eq!(reason("token revoked"), "revoked");
-        assert_eq!(reason("missing claim: sub"), "bad_claims");
-        assert_eq!(reason("invalid claim: exp"), "bad_claims");
-        assert_eq!(reason("wrong role for this endpoint"), "wrong_role");
-        assert_eq!(reason("machineId does not match the token"), "machine_id");
-        assert_eq!(reason("expected auth as the first message: x"), "not_auth");
-        assert_eq!(
-            reason("the token is for another identity"),
-            "identity_changed"
-        );
-        assert_eq!(reason("anything else"), "other");
+        assert_eq!(Refusal::Capacity.label(), "capacity");
+        assert_eq!(Refusal::Handshakes.label(), "handshakes");
+        assert_eq!(CommandOutcome::Answered.label(), "answered");
+        assert_eq!(CommandOutcome::Draining.label(), "draining");
+        assert_eq!(AUTH_REASONS[AuthFailure::Expired as usize], "expired");
+        assert_eq!(AuthFailure::IdentityChanged.label(), "identity_changed");
+        assert_eq!(AUTH_REASONS[AuthFailure::Other as usize], "other");
     }
 
     #[test]

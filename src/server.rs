@@ -14,12 +14,12 @@ use signal_hook::iterator::Signals;
 use crate::admin::Admin;
 use crate::auth::{Revocations, Verifier};
 use crate::config::{Config, IoMode, ServeArgs};
-use crate::hub::{Hub, Msg, Shared};
-use crate::io::{epoll::EpollLoop, listener, uring, Backend, Conns, Notifier};
+use crate::hub::{Hub, Shared};
+use crate::io::{self, listener, uring, Backend, Conns, Notifier};
 use crate::protocol::handshake::Policy;
 use crate::protocol::session::{Limits, AGENT_PATH, CLIENT_PATH};
 use crate::systemd;
-use crate::worker::{Admission, Env, Lifecycle, Settings, Worker};
+use crate::worker::{Admission, Env, Inboxes, Lifecycle, Msg, Settings, Worker};
 
 /// Descriptors kept free for the process itself (listeners, rings, logs, admin).
 const FD_RESERVE: usize = 128;
@@ -156,7 +156,6 @@ pub fn settings(config: &Config, revocations: &Arc<Revocations>) -> anyhow::Resu
 /// What the signal and watchdog threads work with.
 struct Control {
     env: Arc<Env>,
-    shared: Arc<Shared>,
     /// The arguments `serve` started with: a reload reads the file they name again.
     args: Option<ServeArgs>,
     /// The configuration in force.
@@ -164,12 +163,6 @@ struct Control {
 }
 
 impl Control {
-    fn wake_all(&self) {
-        for inbox in &self.shared.inboxes {
-            inbox.notifier.notify();
-        }
-    }
-
     fn drain(&self, signal: i32) {
         if self.env.lifecycle.draining.swap(true, Ordering::SeqCst) {
             tracing::warn!(signal, "second signal: exiting now");
@@ -178,7 +171,7 @@ impl Control {
         let drain = self.env.settings().drain_duration;
         tracing::info!(signal, drain = ?drain, "draining: closing connections with 1012");
         systemd::notify("STOPPING=1\nSTATUS=draining");
-        self.wake_all();
+        self.env.inboxes.wake_all();
     }
 
     /// SIGHUP: reads the configuration again and applies the keys, limits and log level;
@@ -221,8 +214,10 @@ impl Control {
         }
         let settings = Arc::new(settings);
         *self.env.settings.write().unwrap_or_else(|e| e.into_inner()) = settings.clone();
-        for w in 0..self.shared.inboxes.len() {
-            self.shared.post(w as u16, Msg::Reload(settings.clone()));
+        for w in 0..self.env.inboxes.len() {
+            self.env
+                .inboxes
+                .post(w as u16, Msg::Reload(settings.clone()));
         }
         *current = config;
         Ok(())
@@ -335,17 +330,18 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     };
     let admin_addr = admin_listener.local_addr()?;
 
+    let notifiers = (0..workers)
+        .map(|_| Notifier::new().map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
     let env = Arc::new(Env {
         settings: std::sync::RwLock::new(Arc::new(settings)),
         admission: Admission::new(max_connections, config.max_connection_rate),
         lifecycle: Lifecycle::default(),
         revocations,
+        inboxes: Inboxes::new(notifiers.clone()),
         max_pending_handshakes: config.max_pending_handshakes,
     });
-    let notifiers = (0..workers)
-        .map(|_| Notifier::new().map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
-    let shared = Arc::new(Shared::new(notifiers.clone()));
+    let shared = Arc::new(Shared::new(workers));
 
     let admin = Arc::new(Admin::new(
         env.clone(),
@@ -356,7 +352,6 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     crate::admin::spawn(admin_listener, admin.clone())?;
     let control = Arc::new(Control {
         env: env.clone(),
-        shared: shared.clone(),
         args,
         config: Mutex::new(config.clone()),
     });
@@ -383,17 +378,16 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
                     let now = metrics.since_epoch_ms(Instant::now());
                     metrics.worker(index as u16).last_turn_ms.set(now);
                 };
-                let result = match backend {
-                    Backend::Uring => uring::UringLoop::new(listener, notifier, per_worker as u32)
-                        .and_then(|mut l| {
-                            running();
-                            l.run(&mut conns, &mut worker)
-                        }),
-                    Backend::Epoll => EpollLoop::new(listener, notifier).and_then(|mut l| {
-                        running();
-                        l.run(&mut conns, &mut worker)
-                    }),
-                };
+                let max_direct = per_worker as u32;
+                let result = io::run(
+                    backend,
+                    listener,
+                    notifier,
+                    max_direct,
+                    &mut conns,
+                    &mut worker,
+                    running,
+                );
                 shared
                     .metrics
                     .worker(index as u16)

@@ -1,6 +1,6 @@
 //! One worker: its io loop's handler. Feeds bytes and time to each connection's session,
-//! carries out the session's outputs through the hub, runs the timer wheel, counts what
-//! happens, and drains on shutdown.
+//! routes the session's outputs through the hub and carries out the hub's actions, runs
+//! the timer wheel, counts what happens, and drains on shutdown.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use crossbeam_queue::SegQueue;
+
 use crate::auth::{Revocations, Role, Verifier};
-use crate::hub::{AdminRequest, Failure, Hub, Msg, COMMAND_TIMER};
-use crate::io::{ConnId, Conns, Handler};
-use crate::metrics::{close_index, Metrics, WorkerMetrics, REFUSED_HANDSHAKES, ROLE_PENDING};
+use crate::hub::{self, Action, AdminRequest, Failure, Hub, Sink};
+use crate::io::{ConnId, Conns, Handler, Notifier};
+use crate::metrics::{close_index, Metrics, Refusal, WorkerMetrics, ROLE_PENDING};
 use crate::protocol::handshake;
 use crate::protocol::session::{Ctx, Limits, Output, Session, CLOSE_AUTH_FAILED};
 use crate::timer::Wheel;
@@ -36,12 +39,11 @@ impl Admission {
         }
     }
 
-    /// Counts a new connection; `Some((retry_after_secs, reason))` when it must be refused
-    /// (reason: the index in `metrics::REFUSALS`).
-    fn admit(&self, now: Instant) -> Option<(u32, usize)> {
+    /// Counts a new connection; `Some` when it must be refused.
+    fn admit(&self, now: Instant) -> Option<Refused> {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         if open > self.max_connections {
-            return Some((1, 0));
+            return Some(Refused::retry_in(Refusal::Capacity, 1));
         }
         if self.rate == 0 {
             return None;
@@ -54,12 +56,29 @@ impl Admission {
             b.0 -= 1.0;
             None
         } else {
-            Some((((1.0 - b.0) / rate).ceil().max(1.0) as u32, 1))
+            let secs = ((1.0 - b.0) / rate).ceil().max(1.0) as u32;
+            Some(Refused::retry_in(Refusal::Rate, secs))
         }
     }
 
     fn release(&self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection refused at accept: answered 503 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refused {
+    reason: Refusal,
+    retry_after_secs: u32,
+}
+
+impl Refused {
+    fn retry_in(reason: Refusal, retry_after_secs: u32) -> Refused {
+        Refused {
+            reason,
+            retry_after_secs,
+        }
     }
 }
 
@@ -81,6 +100,70 @@ pub struct Settings {
     pub drain_duration: Duration,
 }
 
+/// A message to a worker from another thread.
+#[derive(Debug)]
+pub enum Msg {
+    /// For its hub.
+    Hub(hub::Msg),
+    /// New settings after a reload.
+    Reload(Arc<Settings>),
+    /// Close the local connections of subject `sub` with 4001.
+    Revoke { sub: Arc<str> },
+}
+
+impl From<hub::Msg> for Msg {
+    fn from(msg: hub::Msg) -> Msg {
+        Msg::Hub(msg)
+    }
+}
+
+/// A worker's inbox: a lock-free queue plus its wake-up.
+pub struct Inbox {
+    queue: SegQueue<Msg>,
+    notifier: Arc<Notifier>,
+}
+
+/// Every worker's inbox, by worker index.
+pub struct Inboxes(Vec<Inbox>);
+
+impl Inboxes {
+    pub fn new(notifiers: Vec<Arc<Notifier>>) -> Inboxes {
+        let inbox = |notifier| Inbox {
+            queue: SegQueue::new(),
+            notifier,
+        };
+        Inboxes(notifiers.into_iter().map(inbox).collect())
+    }
+
+    /// Queues `msg` for worker `worker` and wakes it.
+    pub fn post(&self, worker: u16, msg: impl Into<Msg>) {
+        let inbox = &self.0[usize::from(worker)];
+        inbox.queue.push(msg.into());
+        inbox.notifier.notify();
+    }
+
+    /// Wakes every worker (to notice the drain).
+    pub fn wake_all(&self) {
+        for inbox in &self.0 {
+            inbox.notifier.notify();
+        }
+    }
+
+    /// Workers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Messages waiting in each inbox.
+    pub fn depths(&self) -> Vec<u64> {
+        self.0.iter().map(|i| i.queue.len() as u64).collect()
+    }
+}
+
 /// What every worker shares. Settings reach the workers through their inboxes; `settings`
 /// here is the current copy for the other threads.
 pub struct Env {
@@ -88,6 +171,7 @@ pub struct Env {
     pub admission: Admission,
     pub lifecycle: Lifecycle,
     pub revocations: Arc<Revocations>,
+    pub inboxes: Inboxes,
     /// Connections of one worker still sending their request head, at most.
     pub max_pending_handshakes: usize,
 }
@@ -101,6 +185,12 @@ impl Env {
             .clone()
     }
 }
+
+/// Wheel key flag of pending commands' timers (connection keys never set the top bit).
+const COMMAND_TIMER: u64 = 1 << 63;
+
+/// A close routing asked for, carried out once the current handler call is done.
+type CloseRequest = (ConnId, u16, &'static str);
 
 /// Close code and reason for a connection whose outbound queue overflowed.
 pub const SLOW_CONSUMER: (u16, &str) = (1013, "outgoing queue full: the client does not keep up");
@@ -144,6 +234,50 @@ pub struct Worker {
     turn_start: Cell<Option<Instant>>,
     /// Connections still in the HTTP handshake.
     handshaking: usize,
+    /// Closes the hub asked for, carried out by `settle`.
+    closes: Vec<CloseRequest>,
+}
+
+/// Carries out the hub's actions for a worker: frames go to the connection table, timers
+/// into the wheel, messages to other workers' inboxes, and closes wait for `settle`
+/// (a close runs the connection's session, which may be the one calling).
+struct Out<'a> {
+    io: &'a mut Conns,
+    m: &'a WorkerMetrics,
+    wheel: &'a mut Wheel,
+    inboxes: &'a Inboxes,
+    closes: &'a mut Vec<CloseRequest>,
+}
+
+impl Out<'_> {
+    fn send(&mut self, id: ConnId, frame: Bytes) {
+        let len = frame.len() as u64;
+        if self.io.send(id, frame) {
+            self.m.messages_out.add(1);
+            self.m.bytes_out.add(len);
+        }
+    }
+}
+
+impl Sink for Out<'_> {
+    fn act(&mut self, action: Action<'_>) {
+        match action {
+            Action::Send { conn, frame } => self.send(conn, frame),
+            Action::Deliver { to, frame } => {
+                let mut queued = 0u64;
+                for &id in to {
+                    queued += u64::from(self.io.send(id, frame.clone()));
+                }
+                let m = self.m;
+                m.relay_deliveries.add(queued);
+                m.messages_out.add(queued);
+                m.bytes_out.add(queued * frame.len() as u64);
+            }
+            Action::Close { conn, code, reason } => self.closes.push((conn, code, reason)),
+            Action::ArmTimer { seq, at } => self.wheel.insert(at, COMMAND_TIMER | seq),
+            Action::Post { worker, msg } => self.inboxes.post(worker, msg),
+        }
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -174,11 +308,24 @@ impl Worker {
             drain: None,
             turn_start: Cell::new(None),
             handshaking: 0,
+            closes: Vec::new(),
         }
     }
 
     fn m(&self) -> &WorkerMetrics {
         self.metrics.worker(self.hub.index)
+    }
+
+    /// The hub, and the sink that carries out its actions on `io`.
+    fn hub_and_out<'a>(&'a mut self, io: &'a mut Conns) -> (&'a mut Hub, Out<'a>) {
+        let out = Out {
+            io,
+            m: self.metrics.worker(self.hub.index),
+            wheel: &mut self.wheel,
+            inboxes: &self.env.inboxes,
+            closes: &mut self.closes,
+        };
+        (&mut self.hub, out)
     }
 
     fn conn_mut(conns: &mut [Option<Conn>], id: ConnId) -> Option<&mut Conn> {
@@ -199,12 +346,14 @@ impl Worker {
     ) {
         let ts = unix_ms();
         let Worker {
+            env,
             settings,
             metrics,
             hub,
             conns,
             wheel,
             handshaking,
+            closes,
             ..
         } = self;
         let Some(conn) = Self::conn_mut(conns, id) else {
@@ -220,20 +369,18 @@ impl Worker {
         };
         let mut closed = false;
         let session = &mut conn.session;
+        let mut sink = Out {
+            io: &mut *io,
+            m,
+            wheel: &mut *wheel,
+            inboxes: &env.inboxes,
+            closes,
+        };
         let panicked = {
             let mut out = |o: Output<'_>| match o {
-                Output::Send(bytes) => {
-                    let len = bytes.len() as u64;
-                    match io.send(id, bytes) {
-                        crate::io::conns::Queued::Gone => return,
-                        crate::io::conns::Queued::Overflow => hub.overflowed.push(id),
-                        crate::io::conns::Queued::Ok => {}
-                    }
-                    m.messages_out.add(1);
-                    m.bytes_out.add(len);
-                }
+                Output::Send(bytes) => sink.send(id, bytes),
                 Output::Close => {
-                    io.close(id, now);
+                    sink.io.close(id, now);
                     closed = true;
                 }
                 Output::Online { identity, version } => {
@@ -241,28 +388,24 @@ impl Worker {
                     m.connections[ROLE_PENDING].sub(1);
                     m.connections[role].add(1);
                     m.authenticated[role].add(1);
-                    hub.online(io, id, identity, version, ts)
+                    hub.online(id, identity, version, ts, &mut sink)
                 }
                 Output::Relay {
-                    event,
+                    kind,
                     machine_id,
                     cluster_id,
                     data,
-                    services_only,
-                } => {
-                    hub.record(id, event, data, ts);
-                    hub.relay(io, event, machine_id, cluster_id, data, services_only, ts)
-                }
+                } => hub.agent_event(id, &kind, machine_id, cluster_id, data, ts, &mut sink),
                 Output::CommandResponse { cmd_id, data } => {
-                    hub.command_response(io, id, cmd_id, data, ts)
+                    hub.command_response(id, cmd_id, data, now, ts, &mut sink)
                 }
                 Output::Command {
                     issuer,
                     req_id,
                     machine_id,
                     data,
-                } => hub.command(io, id, issuer, req_id, machine_id, data, now, ts),
-                Output::Notify { cluster_id, data } => hub.notify(io, cluster_id, data, ts),
+                } => hub.command(id, issuer, req_id, machine_id, data, now, ts, &mut sink),
+                Output::Notify { cluster_id, data } => hub.notify(cluster_id, data, ts, &mut sink),
             };
             catch_unwind(AssertUnwindSafe(|| call(session, &ctx, &mut out))).is_err()
         };
@@ -279,18 +422,17 @@ impl Worker {
             *handshaking -= 1;
         }
         if closed {
-            self.retire(io, id);
+            self.retire(io, id, now);
         } else if let Some(t) = conn.session.poll_timeout() {
             if conn.timer_at.is_none_or(|cur| t < cur) {
                 conn.timer_at = Some(t);
                 wheel.insert(t, id.to_u64());
             }
         }
-        self.apply_hub_requests(io, now);
     }
 
     /// The connection's session is done: forget it, count it and tell the hub.
-    fn retire(&mut self, io: &mut Conns, id: ConnId) {
+    fn retire(&mut self, io: &mut Conns, id: ConnId, now: Instant) {
         let Some(slot) = self.conns.get_mut(id.slot as usize) else {
             return;
         };
@@ -309,23 +451,25 @@ impl Worker {
         match conn.session.identity() {
             Some(who) => {
                 m.connections[role_index(who.role)].sub(1);
-                self.hub.offline(io, id, who, unix_ms());
+                let (hub, mut out) = self.hub_and_out(io);
+                hub.offline(id, who, now, unix_ms(), &mut out);
             }
             None => m.connections[ROLE_PENDING].sub(1),
         }
     }
 
-    /// Carries out what routing asked for: pending-command timers, closes of replaced
-    /// agents and slow consumers.
-    fn apply_hub_requests(&mut self, io: &mut Conns, now: Instant) {
-        for (key, at) in self.hub.timers.drain(..) {
-            self.wheel.insert(at, key);
-        }
-        while let Some(id) = self.hub.overflowed.pop() {
-            self.close_slow_consumer(io, id, now);
-        }
-        while let Some((id, code, reason)) = self.hub.closes.pop() {
-            self.close(io, id, code, reason, now);
+    /// Carries out what waits once the handlers are done: connections whose outbound
+    /// queue overflowed are closed with 1013, then the closes routing asked for (replaced
+    /// agents). Closing may queue more of either; all are done before the flush.
+    fn settle(&mut self, io: &mut Conns, now: Instant) {
+        loop {
+            if let Some(id) = io.pop_overflowed() {
+                self.close_slow_consumer(io, id, now);
+            } else if let Some((id, code, reason)) = self.closes.pop() {
+                self.close(io, id, code, reason, now);
+            } else {
+                return;
+            }
         }
     }
 
@@ -333,7 +477,7 @@ impl Worker {
     /// passed `max_outbound_bytes`. What it has not started to receive is dropped, so
     /// that the close frame goes out next.
     fn close_slow_consumer(&mut self, io: &mut Conns, id: ConnId, now: Instant) {
-        // Listed once per frame that found the queue full; closed and counted once.
+        // A connection closing already needs no 1013.
         if !io.is_open(id) {
             return;
         }
@@ -360,8 +504,8 @@ impl Worker {
         self.wheel.expire(now, &mut fired);
         for &key in &fired {
             if key & COMMAND_TIMER != 0 {
-                self.hub
-                    .command_timed_out(io, key & !COMMAND_TIMER, unix_ms());
+                let (hub, mut out) = self.hub_and_out(io);
+                hub.command_timed_out(key & !COMMAND_TIMER, now, unix_ms(), &mut out);
                 continue;
             }
             let id = ConnId::from_u64(key);
@@ -377,13 +521,13 @@ impl Worker {
         }
         fired.clear();
         self.fired = fired;
-        self.apply_hub_requests(io, now);
     }
 
     /// Starts the drain: admin commands still waiting are answered, and the connections
     /// open now are split into agents (closed first) and the rest.
     fn start_drain(&mut self, io: &mut Conns, now: Instant) {
-        self.hub.fail_http_commands(io, unix_ms());
+        let (hub, mut out) = self.hub_and_out(io);
+        hub.fail_http_commands(now, unix_ms(), &mut out);
         let (mut agents, mut others) = (Vec::new(), Vec::new());
         for id in io.open_ids() {
             let is_agent = Self::conn_mut(&mut self.conns, id)
@@ -408,7 +552,6 @@ impl Worker {
             closed_agents: 0,
             closed_others: 0,
         });
-        self.apply_hub_requests(io, now);
     }
 
     /// Closes connections with 1012 in slices spread over the drain duration.
@@ -443,7 +586,8 @@ impl Worker {
         }
         if !others.is_empty() {
             let set: HashSet<ConnId> = others.iter().copied().collect();
-            self.hub.fail_commands_of(io, &set, unix_ms());
+            let (hub, mut out) = self.hub_and_out(io);
+            hub.fail_commands_of(&set, now, unix_ms(), &mut out);
             for id in others {
                 self.close(io, id, 1012, reason, now);
             }
@@ -472,7 +616,7 @@ impl Worker {
 
     /// New settings: the sessions read them from the next call on.
     fn reload(&mut self, settings: Arc<Settings>) {
-        self.hub.command_timeout = settings.command_timeout;
+        self.hub.set_command_timeout(settings.command_timeout);
         self.settings = settings;
     }
 }
@@ -487,7 +631,7 @@ impl Handler for Worker {
             "connection accepted"
         );
         if self.drain.is_some() {
-            reject = Some((1, 2));
+            reject = Some(Refused::retry_in(Refusal::Draining, 1));
         }
         let slot = id.slot as usize;
         if self.conns.len() <= slot {
@@ -498,7 +642,7 @@ impl Handler for Worker {
         if self.handshaking >= self.env.max_pending_handshakes {
             // Too many heads still arriving: answer at once, without reading this one
             // and without a session, so that slow or silent peers hold no more than the cap.
-            m.refused[REFUSED_HANDSHAKES].add(1);
+            m.refused[Refusal::Handshakes as usize].add(1);
             self.conns[slot] = None;
             let msg = "too many connections in the handshake; retry later";
             io.send(id, handshake::service_unavailable(1, msg));
@@ -506,11 +650,15 @@ impl Handler for Worker {
             return;
         }
         m.connections[ROLE_PENDING].add(1);
-        if let Some((_, reason)) = reject {
-            m.refused[reason].add(1);
+        if let Some(r) = reject {
+            m.refused[r.reason as usize].add(1);
         }
         self.handshaking += 1;
-        let session = Session::new(now, &self.settings.limits, reject.map(|(secs, _)| secs));
+        let session = Session::new(
+            now,
+            &self.settings.limits,
+            reject.map(|r| r.retry_after_secs),
+        );
         self.conns[slot] = Some(Conn {
             id,
             session,
@@ -534,27 +682,31 @@ impl Handler for Worker {
 
     fn on_close(&mut self, io: &mut Conns, id: ConnId, now: Instant) {
         tracing::debug!(worker = self.hub.index, conn = id.slot, "connection closed");
-        self.retire(io, id);
+        self.retire(io, id, now);
         self.env.admission.release();
-        self.apply_hub_requests(io, now);
+        // Called after `on_tick` too (a flush or a linger deadline ends a connection).
+        self.settle(io, now);
     }
 
     fn on_wake(&mut self, io: &mut Conns, now: Instant) {
-        let inbox = &self.hub.shared.inboxes[usize::from(self.hub.index)];
+        let env = self.env.clone();
+        let inbox = &env.inboxes.0[usize::from(self.hub.index)];
         inbox.notifier.reset();
-        let shared = self.hub.shared.clone();
-        let queue = &shared.inboxes[usize::from(self.hub.index)].queue;
         let ts = unix_ms();
-        while let Some(msg) = queue.pop() {
+        while let Some(msg) = inbox.queue.pop() {
             match msg {
                 Msg::Reload(settings) => self.reload(settings),
-                Msg::Admin(AdminRequest::Command { reply, .. }) if self.drain.is_some() => {
+                Msg::Revoke { sub } => self.revoke(io, &sub, now),
+                Msg::Hub(hub::Msg::Admin(AdminRequest::Command { reply, .. }))
+                    if self.drain.is_some() =>
+                {
                     let _ = reply.send(Err(Failure::Draining));
                 }
-                Msg::Revoke { sub } => self.revoke(io, &sub, now),
-                msg => self.hub.handle(io, msg, now, ts),
+                Msg::Hub(msg) => {
+                    let (hub, mut out) = self.hub_and_out(io);
+                    hub.handle(msg, now, ts, &mut out);
+                }
             }
-            self.apply_hub_requests(io, now);
         }
     }
 
@@ -565,6 +717,7 @@ impl Handler for Worker {
         m.last_turn_ms.set(self.metrics.since_epoch_ms(now));
         self.run_timers(io, now);
         self.drain_step(io, now);
+        self.settle(io, now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {

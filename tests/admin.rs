@@ -1,4 +1,4 @@
-//! The admin listener (PROTOCOL.md section 9): every endpoint and status code, against the
+//! The admin listener (docs/protocol.md section 15): every endpoint and status code, against the
 //! real binary.
 
 #[macro_use]

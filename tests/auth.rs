@@ -1,4 +1,4 @@
-//! Protocol section 3 against the real binary: `auth`, its failures, token expiry on live
+//! docs/protocol.md section 5 against the real binary: `auth`, its failures, token expiry on live
 //! connections, refresh and replacement of an agent.
 
 #[macro_use]
@@ -60,7 +60,7 @@ async fn agent_authenticates(io: &'static str) {
 }
 
 async fn authenticated_echoes_the_auth_id(io: &'static str) {
-    // PROTOCOL.md section 2: a reply to a message that carried an id carries the same id.
+    // docs/protocol.md section 4.2: a reply to a message that carried an id carries the same id.
     let gw = Gateway::start(io, &[]).await;
     let mut agent = gw.ws("/ws/agent").await;
     let mut msg = agent_auth(&agent_token("mch_id", "clu_id"), "mch_id");

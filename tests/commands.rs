@@ -1,4 +1,4 @@
-//! Protocol sections 5 and 6 against the real binary: commands from users and services,
+//! docs/protocol.md sections 8 and 9 against the real binary: commands from users and services,
 //! their failures and permissions, and service notifications.
 
 #[macro_use]

@@ -1,5 +1,5 @@
-//! Protocol sections 2 and 7 against the real binary: the envelope, `INVALID_MESSAGE`, ids on
-//! errors, timestamps, and unknown events.
+//! docs/protocol.md sections 4 and 10 against the real binary: the envelope,
+//! `INVALID_MESSAGE`, ids on errors, timestamps, and unknown events.
 
 #[macro_use]
 mod common;
@@ -124,7 +124,7 @@ async fn errors_echo_the_request_id(io: &'static str) {
 }
 
 async fn envelope_errors_echo_the_request_id(io: &'static str) {
-    // PROTOCOL.md section 2: an error to a message that carried an id carries the same id,
+    // docs/protocol.md section 4.2: an error to a message that carried an id carries the same id,
     // also when that message is an object without a valid event.
     let gw = Gateway::start(io, &[]).await;
     let mut user = gw.user("usr_v", &["clu_v"]).await;

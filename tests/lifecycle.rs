@@ -1,4 +1,4 @@
-//! The process's life (PROTOCOL.md section 8): the drain on SIGTERM, a second signal,
+//! The process's life (docs/protocol.md section 14.3): the drain on SIGTERM, a second signal,
 //! reload on SIGHUP, systemd notifications and socket activation.
 
 #[macro_use]

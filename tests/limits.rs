@@ -1,5 +1,6 @@
-//! Limits of protocol sections 1, 7 and 8 against the real binary: connection count and
-//! rate, message size, the per-connection message rate, and slow consumers.
+//! Limits of docs/protocol.md sections 2.2, 3, 12 and 14 against the real binary:
+//! connection count and rate, message size, the per-connection message rate, and slow
+//! consumers.
 
 #[macro_use]
 mod common;

@@ -285,8 +285,8 @@ fn check_never_panics(text: &str) {
         let _ = envelope::command_response_id(env.data);
         let _ = envelope::notification_cluster(env.data);
         for event in ["heartbeat", "server:status", "player:joined"] {
-            if let Ok(obj) = envelope::relayed_data(event, env.data) {
-                let _ = envelope::relay(event, "m", "c", obj, 0);
+            if let Some(Ok((kind, obj))) = envelope::relayed_data(event, env.data) {
+                let _ = envelope::relay(kind.outbound(), "m", "c", obj, 0);
             }
         }
         if let Ok(_cmd) = envelope::command_data(env.data) {

@@ -1,5 +1,5 @@
-//! Protocol section 4 against the real binary: agent events relayed to the users of the
-//! agent's cluster and to services, presence, order and the agent lease.
+//! docs/protocol.md sections 6 and 7 against the real binary: agent events relayed to the
+//! users of the agent's cluster and to services, presence, order and the agent lease.
 
 #[macro_use]
 mod common;

@@ -1,5 +1,5 @@
-//! Protocol section 1 against the real binary: HTTP answers before the upgrade, origins,
-//! extensions, frame rules and pings.
+//! docs/protocol.md sections 2 and 3 against the real binary: HTTP answers before the
+//! upgrade, origins, extensions, frame rules and pings.
 
 #[macro_use]
 mod common;

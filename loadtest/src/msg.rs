@@ -351,7 +351,11 @@ mod tests {
         );
         let st: serde_json::Value = serde_json::from_str(&all[4]).unwrap();
         assert_eq!(st["data"]["serverId"], "srv_1_2");
-        assert!(envelope::relayed_data("server:status", Some(&st["data"].to_string())).is_ok());
+        let data = st["data"].to_string();
+        assert!(matches!(
+            envelope::relayed_data("server:status", Some(&data)),
+            Some(Ok(_))
+        ));
         let cmd: serde_json::Value = serde_json::from_str(&all[8]).unwrap();
         assert_eq!(cmd["id"], "req_0_9");
         assert_eq!(cmd["data"]["machineId"], "mch_x_1");

@@ -11,8 +11,9 @@ use serde_json::{Map, Value};
 use super::http::{Request, Response};
 use super::Admin;
 use crate::auth::Role;
-use crate::hub::{AdminRequest, CommandOutcome, Failure, MachineInfo, Msg};
+use crate::hub::{AdminRequest, Answer, Failure, MachineInfo, Msg};
 use crate::metrics::{self, Format, ProcessFacts};
+use crate::worker;
 
 /// How long a query may wait for the workers' answers.
 const QUERY_WAIT: Duration = Duration::from_secs(2);
@@ -87,7 +88,7 @@ fn check_token(admin: &Admin, req: &Request) -> Result<(), Response> {
                 who.role.as_str()
             ),
         )),
-        Err(e) => Err(unauthorized(&e.0)),
+        Err(e) => Err(unauthorized(&e.message)),
     }
 }
 
@@ -152,11 +153,7 @@ fn scrape(admin: &Admin, accept: Option<&str>) -> Response {
             .admission
             .open
             .load(std::sync::atomic::Ordering::Relaxed) as u64,
-        inbox_depth: shared
-            .inboxes
-            .iter()
-            .map(|i| i.queue.len() as u64)
-            .collect(),
+        inbox_depth: admin.env.inboxes.depths(),
         revocations: admin.env.revocations.len() as u64,
         admin_connections: admin.connections() as u64,
     };
@@ -243,11 +240,12 @@ fn unavailable() -> Response {
 /// `GET /v1/machines`: every worker lists its machines.
 fn machines(admin: &Admin) -> Response {
     let (tx, rx) = mpsc::channel();
-    let workers = admin.shared.inboxes.len();
+    let workers = admin.env.inboxes.len();
     for w in 0..workers {
         let reply = tx.clone();
         admin
-            .shared
+            .env
+            .inboxes
             .post(w as u16, Msg::Admin(AdminRequest::Machines { reply }));
     }
     drop(tx);
@@ -278,7 +276,7 @@ fn machine(admin: &Admin, id: &str) -> Response {
         machine_id: id.into(),
         reply,
     };
-    admin.shared.post(worker, Msg::Admin(req));
+    admin.env.inboxes.post(worker, Msg::Admin(req));
     match rx.recv_timeout(QUERY_WAIT) {
         Ok(Some(info)) => to_json(&machine_json(&info)),
         Ok(None) => not_connected(),
@@ -305,13 +303,13 @@ fn command(admin: &Admin, id: &str, body: &[u8]) -> Response {
         return not_connected();
     };
     let data = String::from_utf8_lossy(body).trim().to_string();
-    let (reply, rx) = mpsc::channel::<CommandOutcome>();
+    let (reply, rx) = mpsc::channel::<Answer>();
     let req = AdminRequest::Command {
         machine_id: id.into(),
         data: data.into(),
         reply,
     };
-    admin.shared.post(worker, Msg::Admin(req));
+    admin.env.inboxes.post(worker, Msg::Admin(req));
     let wait = admin.env.settings().command_timeout + COMMAND_SLACK;
     match rx.recv_timeout(wait) {
         Ok(Ok(answer)) => Response::json(200, answer.to_vec()),
@@ -350,7 +348,7 @@ fn notification(admin: &Admin, cluster: &str, body: &[u8]) -> Response {
         cluster_id: cluster.into(),
         data: data.into(),
     };
-    admin.shared.post(0, Msg::Admin(req));
+    admin.env.inboxes.post(0, Msg::Admin(req));
     Response::empty(202)
 }
 
@@ -383,8 +381,11 @@ fn revocation(admin: &Admin, body: &[u8]) -> Response {
         return Response::error(503, &e.to_string());
     }
     tracing::info!(sub, before, "revoked");
-    for w in 0..admin.shared.inboxes.len() {
-        admin.shared.post(w as u16, Msg::Revoke { sub: sub.into() });
+    for w in 0..admin.env.inboxes.len() {
+        admin
+            .env
+            .inboxes
+            .post(w as u16, worker::Msg::Revoke { sub: sub.into() });
     }
     Response::empty(204)
 }

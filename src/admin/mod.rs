@@ -1,4 +1,4 @@
-//! The admin listener (PROTOCOL.md section 9): health, readiness, metrics and the
+//! The admin listener (docs/protocol.md section 15): health, readiness, metrics and the
 //! backend API. A thread per connection, at most `MAX_CONNECTIONS` at once, so that a
 //! command waiting for its agent never holds up `/healthz` or `/metrics`.
 

@@ -6,86 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-/// A connection's handle: slot index and generation, so a stale handle to a reused slot
-/// is recognised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    pub slot: u32,
-    pub gen: u32,
-}
-
-impl ConnId {
-    pub fn to_u64(self) -> u64 {
-        (u64::from(self.gen) << 32) | u64::from(self.slot)
-    }
-
-    pub fn from_u64(v: u64) -> ConnId {
-        ConnId {
-            slot: v as u32,
-            gen: (v >> 32) as u32,
-        }
-    }
-}
-
-/// Values kept per connection, indexed by slot: no hashing, and no table slack since
-/// slots are reused densely. Each value is boxed so that slots of other connections
-/// (clients of a table of agents) cost two words.
-#[derive(Debug)]
-pub struct ConnMap<T> {
-    slots: Vec<Option<(u32, Box<T>)>>,
-}
-
-impl<T> Default for ConnMap<T> {
-    fn default() -> Self {
-        ConnMap { slots: Vec::new() }
-    }
-}
-
-impl<T> ConnMap<T> {
-    pub fn insert(&mut self, id: ConnId, value: T) {
-        let slot = id.slot as usize;
-        if self.slots.len() <= slot {
-            self.slots.resize_with(slot + 1, || None);
-        }
-        self.slots[slot] = Some((id.gen, Box::new(value)));
-    }
-
-    pub fn remove(&mut self, id: ConnId) -> Option<T> {
-        let entry = self.slots.get_mut(id.slot as usize)?;
-        match entry {
-            Some((gen, _)) if *gen == id.gen => entry.take().map(|(_, v)| *v),
-            _ => None,
-        }
-    }
-
-    pub fn get(&self, id: ConnId) -> Option<&T> {
-        match self.slots.get(id.slot as usize)? {
-            Some((gen, v)) if *gen == id.gen => Some(v),
-            _ => None,
-        }
-    }
-
-    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
-        match self.slots.get_mut(id.slot as usize)? {
-            Some((gen, v)) if *gen == id.gen => Some(v),
-            _ => None,
-        }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (ConnId, &T)> {
-        self.slots.iter().enumerate().filter_map(|(slot, e)| {
-            e.as_ref().map(|(gen, v)| {
-                (
-                    ConnId {
-                        slot: slot as u32,
-                        gen: *gen,
-                    },
-                    &**v,
-                )
-            })
-        })
-    }
-}
+pub use crate::conn::ConnId;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,16 +20,6 @@ pub(crate) enum State {
     Lingering,
     /// The socket is being closed; the slot is freed once that completes.
     Teardown,
-}
-
-/// The outcome of queueing a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
-    Ok,
-    /// Queued, but the connection's outbound bytes now exceed the cap: close it (1013).
-    Overflow,
-    /// The connection is closing or gone; nothing was queued.
-    Gone,
 }
 
 /// Frames waiting to be written to one connection. Holds no heap memory while empty.
@@ -194,6 +105,8 @@ pub(crate) struct Slot {
     pub fd: i32,
     pub out: OutQueue,
     pub dirty: bool,
+    /// Listed in `Conns::overflowed`: its queue passed the cap.
+    pub overflowed: bool,
     /// A send is in flight (io_uring): its iovecs point into `out`.
     pub sending: bool,
     /// io_uring: a multishot receive is armed / a shutdown is in flight / the close was
@@ -211,6 +124,9 @@ pub struct Conns {
     slots: Vec<Slot>,
     free: Vec<u32>,
     dirty: Vec<u32>,
+    /// Connections whose queue passed `max_outbound` since the owner last looked; each
+    /// listed once.
+    overflowed: Vec<ConnId>,
     /// Connections waiting to be forced shut, in deadline order.
     lingering: VecDeque<(Instant, ConnId)>,
     max_outbound: usize,
@@ -223,6 +139,7 @@ impl Conns {
             slots: Vec::new(),
             free: Vec::new(),
             dirty: Vec::new(),
+            overflowed: Vec::new(),
             lingering: VecDeque::new(),
             max_outbound,
             live: 0,
@@ -230,23 +147,32 @@ impl Conns {
     }
 
     /// Queues a frame; it is written at the end of this loop turn together with the
-    /// connection's other queued frames.
-    pub fn send(&mut self, id: ConnId, frame: Bytes) -> Queued {
+    /// connection's other queued frames. `false`: the connection is closing or gone and
+    /// nothing was queued. A queue that passes the cap puts the connection on the
+    /// overflow list (`pop_overflowed`).
+    pub fn send(&mut self, id: ConnId, frame: Bytes) -> bool {
         let max = self.max_outbound;
         let Some(slot) = self.open_slot(id) else {
-            return Queued::Gone;
+            return false;
         };
         slot.out.push(frame);
-        let over = slot.out.bytes > max;
+        let over = slot.out.bytes > max && !slot.overflowed;
+        if over {
+            slot.overflowed = true;
+        }
         if !slot.dirty {
             slot.dirty = true;
             self.dirty.push(id.slot);
         }
         if over {
-            Queued::Overflow
-        } else {
-            Queued::Ok
+            self.overflowed.push(id);
         }
+        true
+    }
+
+    /// A connection whose outbound queue passed the cap: the owner closes it (1013).
+    pub fn pop_overflowed(&mut self) -> Option<ConnId> {
+        self.overflowed.pop()
     }
 
     /// Closes gracefully: what is queued is written, then writing is shut down and the
@@ -304,6 +230,7 @@ impl Conns {
             fd,
             out: OutQueue::default(),
             dirty: false,
+            overflowed: false,
             sending: false,
             recv_armed: false,
             shutting: false,
@@ -446,24 +373,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conn_map_answers_only_for_the_same_generation() {
-        let mut m = ConnMap::default();
-        let a = ConnId { slot: 3, gen: 1 };
-        let reused = ConnId { slot: 3, gen: 2 };
-        m.insert(a, "a");
-        assert_eq!(m.get(a), Some(&"a"));
-        assert_eq!(m.get(reused), None);
-        assert_eq!(m.get(ConnId { slot: 9, gen: 1 }), None);
-        assert_eq!(m.remove(reused), None);
-        *m.get_mut(a).unwrap() = "b";
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(a, &"b")]);
-        assert_eq!(m.remove(a), Some("b"));
-        assert_eq!(m.get(a), None);
-        m.insert(reused, "c");
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(reused, &"c")]);
-    }
-
-    #[test]
     fn queue_advances_across_frames_and_frees_memory() {
         let mut q = OutQueue::default();
         q.push(Bytes::from_static(b"abc"));
@@ -529,9 +438,29 @@ mod tests {
         c.remove(a);
         let b = c.insert(8);
         assert_eq!(a.slot, b.slot);
-        assert_eq!(c.send(a, Bytes::from_static(b"x")), Queued::Gone);
-        assert_eq!(c.send(b, Bytes::from_static(b"x")), Queued::Ok);
-        assert_eq!(c.send(b, Bytes::from_static(&[0; 10])), Queued::Overflow);
+        assert!(!c.send(a, Bytes::from_static(b"x")));
+        assert!(c.send(b, Bytes::from_static(b"x")));
+        assert_eq!(c.pop_overflowed(), None);
+    }
+
+    #[test]
+    fn a_connection_passing_the_cap_is_listed_once() {
+        let mut c = Conns::new(10);
+        let (a, b) = (c.insert(7), c.insert(8));
+        assert!(c.send(a, Bytes::from_static(&[0; 10])));
+        assert_eq!(c.pop_overflowed(), None);
+        for _ in 0..3 {
+            assert!(c.send(a, Bytes::from_static(b"x")));
+        }
+        assert!(c.send(b, Bytes::from_static(&[0; 11])));
+        assert_eq!(c.pop_overflowed(), Some(b));
+        assert_eq!(c.pop_overflowed(), Some(a));
+        assert_eq!(c.pop_overflowed(), None);
+        // The slot's next connection starts with a clean record.
+        c.remove(a);
+        let a2 = c.insert(9);
+        assert!(c.send(a2, Bytes::from_static(&[0; 11])));
+        assert_eq!(c.pop_overflowed(), Some(a2));
     }
 
     #[test]

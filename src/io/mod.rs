@@ -7,6 +7,8 @@ pub mod listener;
 pub mod notify;
 pub mod uring;
 
+use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use conns::{ConnId, Conns};
@@ -51,6 +53,32 @@ impl Backend {
         match self {
             Backend::Uring => "io_uring",
             Backend::Epoll => "epoll",
+        }
+    }
+}
+
+/// Runs `handler` on a loop of `backend` over `listener` until the handler is finished;
+/// `ready` is called once the loop is set up. `max_conns` sizes io_uring's table of
+/// direct descriptors (epoll needs none).
+pub fn run<H: Handler>(
+    backend: Backend,
+    listener: TcpListener,
+    notifier: Arc<Notifier>,
+    max_conns: u32,
+    conns: &mut Conns,
+    handler: &mut H,
+    ready: impl FnOnce(),
+) -> std::io::Result<()> {
+    match backend {
+        Backend::Uring => {
+            let mut l = uring::UringLoop::new(listener, notifier, max_conns)?;
+            ready();
+            l.run(conns, handler)
+        }
+        Backend::Epoll => {
+            let mut l = epoll::EpollLoop::new(listener, notifier)?;
+            ready();
+            l.run(conns, handler)
         }
     }
 }

@@ -322,22 +322,63 @@ pub fn notification_cluster(data: Option<&str>) -> Result<Cow<'_, str>, DataErro
 #[derive(Deserialize)]
 struct ServerWire<'a> {
     #[serde(borrow, rename = "serverId")]
-    _server_id: Cow<'a, str>,
+    server_id: Cow<'a, str>,
+}
+
+/// An agent event the gateway relays, with what routing needs from its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayKind<'a> {
+    Heartbeat,
+    Metrics,
+    /// `server:status`, whose latest data per server is kept for the admin API.
+    ServerStatus {
+        server_id: Cow<'a, str>,
+    },
+    PlayerJoined,
+    PlayerLeft,
+    Notification,
+}
+
+impl RelayKind<'_> {
+    /// The event name clients receive (`server:status` is relayed as `server:updated`).
+    pub fn outbound(&self) -> &'static str {
+        match self {
+            RelayKind::Heartbeat => "heartbeat",
+            RelayKind::Metrics => "metrics",
+            RelayKind::ServerStatus { .. } => "server:updated",
+            RelayKind::PlayerJoined => "player:joined",
+            RelayKind::PlayerLeft => "player:left",
+            RelayKind::Notification => "notification",
+        }
+    }
+
+    /// Whether only services receive it (agent telemetry).
+    pub fn services_only(&self) -> bool {
+        matches!(self, RelayKind::Heartbeat | RelayKind::Metrics)
+    }
 }
 
 /// Checks the data of an agent event that is relayed (`heartbeat`, `metrics`,
 /// `notification`: an object; `server:status`, `player:joined`, `player:left`: an object
-/// with a string `serverId`) and returns the raw object text.
-pub fn relayed_data<'a>(event: &str, data: Option<&'a str>) -> Result<&'a str, DataError> {
-    match event {
-        "server:status" | "player:joined" | "player:left" => {
-            typed::<ServerWire<'_>>(data, &[("serverId", true)])?;
-        }
-        _ => {
-            object(data)?;
-        }
-    }
-    Ok(data.unwrap_or_default())
+/// with a string `serverId`) and returns its kind and the raw object text; `None` for an
+/// event that is not relayed.
+pub fn relayed_data<'a>(
+    event: &str,
+    data: Option<&'a str>,
+) -> Option<Result<(RelayKind<'a>, &'a str), DataError>> {
+    let server = || typed::<ServerWire<'_>>(data, &[("serverId", true)]);
+    let kind = match event {
+        "heartbeat" => object(data).map(|_| RelayKind::Heartbeat),
+        "metrics" => object(data).map(|_| RelayKind::Metrics),
+        "notification" => object(data).map(|_| RelayKind::Notification),
+        "server:status" => server().map(|s| RelayKind::ServerStatus {
+            server_id: s.server_id,
+        }),
+        "player:joined" => server().map(|_| RelayKind::PlayerJoined),
+        "player:left" => server().map(|_| RelayKind::PlayerLeft),
+        _ => return None,
+    };
+    Some(kind.map(|k| (k, data.unwrap_or_default())))
 }
 
 fn not_object() -> DataError {
@@ -394,7 +435,7 @@ fn explain(text: &str, fields: &[FieldSpec]) -> DataError {
     DataError("data is invalid".into())
 }
 
-/// The error codes of PROTOCOL.md section 7.
+/// The error codes of docs/protocol.md section 10.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     AuthFailed,
@@ -1212,34 +1253,63 @@ mod tests {
 
     #[test]
     fn relayed_data_checks() {
+        let text = |event, data| relayed_data(event, data).expect(event).map(|(_, t)| t);
         let obj = r#"{"cpu":1}"#;
         for event in ["heartbeat", "metrics", "notification"] {
-            assert_eq!(relayed_data(event, Some(obj)), Ok(obj));
+            assert_eq!(text(event, Some(obj)), Ok(obj));
             assert_eq!(
-                relayed_data(event, Some("[]")),
+                text(event, Some("[]")),
                 Err(DataError("data must be an object".into()))
             );
             assert_eq!(
-                relayed_data(event, None),
+                text(event, None),
                 Err(DataError("data must be an object".into()))
             );
         }
         let status = r#"{"serverId":"s1","status":"running"}"#;
         for event in ["server:status", "player:joined", "player:left"] {
-            assert_eq!(relayed_data(event, Some(status)), Ok(status));
+            assert_eq!(text(event, Some(status)), Ok(status));
             assert_eq!(
-                relayed_data(event, Some(obj)),
+                text(event, Some(obj)),
                 Err(DataError("data.serverId must be a string".into()))
             );
             assert_eq!(
-                relayed_data(event, Some(r#"{"serverId":3}"#)),
+                text(event, Some(r#"{"serverId":3}"#)),
                 Err(DataError("data.serverId must be a string".into()))
             );
             assert_eq!(
-                relayed_data(event, Some("1")),
+                text(event, Some("1")),
                 Err(DataError("data must be an object".into()))
             );
         }
+        assert_eq!(relayed_data("command:response", Some(obj)), None);
+        assert_eq!(relayed_data("server:updated", Some(status)), None);
+    }
+
+    #[test]
+    fn relay_kinds_carry_the_server_id_and_the_outbound_name() {
+        let kind = |event, data| relayed_data(event, Some(data)).unwrap().unwrap().0;
+        let escaped = kind("server:status", r#"{"serverId":"s\u0031"}"#);
+        assert_eq!(
+            escaped,
+            RelayKind::ServerStatus {
+                server_id: "s1".into()
+            }
+        );
+        assert_eq!(escaped.outbound(), "server:updated");
+        let names = [
+            "heartbeat",
+            "metrics",
+            "notification",
+            "player:joined",
+            "player:left",
+        ];
+        for event in names {
+            let k = kind(event, r#"{"serverId":"s"}"#);
+            assert_eq!(k.outbound(), event);
+            assert_eq!(k.services_only(), matches!(event, "heartbeat" | "metrics"));
+        }
+        assert!(!escaped.services_only());
     }
 
     #[test]

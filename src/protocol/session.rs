@@ -6,16 +6,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::auth::{Identity, Role, Verifier};
+use crate::auth::{AuthError, AuthFailure, Identity, Role, Verifier};
 use crate::protocol::codec::{self, CloseReason, Decoder, Flow, Message};
-use crate::protocol::envelope::{self, ErrorCode, Inbound};
+use crate::protocol::envelope::{self, ErrorCode, Inbound, RelayKind};
 use crate::protocol::handshake::{self, Outcome, Policy};
 
 /// Request paths, in the order of `Limits::policy.paths`.
 pub const AGENT_PATH: &str = "/ws/agent";
 pub const CLIENT_PATH: &str = "/ws/client";
 
-/// Close codes the session itself sends (PROTOCOL.md section 8).
+/// Close codes the session itself sends (docs/protocol.md section 11).
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_PING_TIMEOUT: u16 = 4000;
 pub const CLOSE_AUTH_FAILED: u16 = 4001;
@@ -59,8 +59,8 @@ pub trait Observer {
     fn ping(&self) {}
     /// A message was dropped by the rate limit.
     fn rate_limited(&self) {}
-    /// `AUTH_FAILED` was sent with this message.
-    fn auth_failed(&self, _message: &str) {}
+    /// `AUTH_FAILED` was sent for this reason, with this message.
+    fn auth_failed(&self, _reason: AuthFailure, _message: &str) {}
     /// `AUTH_TIMEOUT` was sent.
     fn auth_timeout(&self) {}
     /// The session sent (or echoed) a close frame with this code.
@@ -95,14 +95,13 @@ pub enum Output<'a> {
         identity: &'a Identity,
         version: &'a str,
     },
-    /// An agent event to relay to clients under the name `event`
-    /// (`server:status` becomes `server:updated`); `data` is the agent's JSON object.
+    /// An agent event to relay to clients (and keep, for the admin API); `data` is the
+    /// agent's JSON object.
     Relay {
-        event: &'a str,
+        kind: RelayKind<'a>,
         machine_id: &'a str,
         cluster_id: &'a str,
         data: &'a str,
-        services_only: bool,
     },
     /// An agent answered command `cmd_id` with `data` (its whole data object).
     CommandResponse { cmd_id: &'a str, data: &'a str },
@@ -284,7 +283,8 @@ impl Session {
             }
             Phase::AwaitAuth | Phase::Open(_) => {
                 if code == CLOSE_AUTH_FAILED {
-                    ctx.observer.auth_failed(reason);
+                    // The gateway closes a live session with 4001 only on revocation.
+                    ctx.observer.auth_failed(AuthFailure::Revoked, reason);
                     send_error(ctx, ErrorCode::AuthFailed, reason, None, out);
                 }
                 ctx.observer.closed(code);
@@ -509,15 +509,15 @@ impl Core {
     fn auth_failed(
         &mut self,
         ctx: &Ctx,
-        message: &str,
+        e: &AuthError,
         id: Option<&str>,
         out: &mut impl FnMut(Output<'_>),
     ) {
-        ctx.observer.auth_failed(message);
+        ctx.observer.auth_failed(e.reason, &e.message);
         self.fail(
             ctx,
             ErrorCode::AuthFailed,
-            message,
+            &e.message,
             id,
             CLOSE_AUTH_FAILED,
             out,
@@ -548,7 +548,8 @@ impl Core {
             return self.phase_timeout(ctx, out);
         }
         if self.expire_at <= now {
-            return self.auth_failed(ctx, "token expired", None, out);
+            let e = AuthError::new(AuthFailure::Expired, "token expired");
+            return self.auth_failed(ctx, &e, None, out);
         }
         if self.pong_deadline <= now {
             return self.close_with(ctx, CLOSE_PING_TIMEOUT, "ping timeout", out);
@@ -673,7 +674,7 @@ impl Core {
                 let msg = "binary messages are not supported; send JSON text";
                 send_error(ctx, ErrorCode::InvalidMessage, msg, None, out);
             } else {
-                self.auth_failed(ctx, "expected auth as the first message", None, out);
+                self.auth_failed(ctx, &not_auth(String::new()), None, out);
             }
             return;
         };
@@ -692,19 +693,14 @@ impl Core {
             }
             Err(err) => {
                 ctx.observer.message("");
-                let msg = format!("expected auth as the first message: {err}");
-                return self.auth_failed(ctx, &msg, envelope::salvage_id(text).as_deref(), out);
+                let e = not_auth(format!(": {err}"));
+                return self.auth_failed(ctx, &e, envelope::salvage_id(text).as_deref(), out);
             }
         };
         ctx.observer.message(&env.event);
         match (authed, env.event.as_ref()) {
             (false, "auth") => self.first_auth(ctx, &env, out),
-            (false, _) => self.auth_failed(
-                ctx,
-                "expected auth as the first message",
-                env.id.as_deref(),
-                out,
-            ),
+            (false, _) => self.auth_failed(ctx, &not_auth(String::new()), env.id.as_deref(), out),
             (true, "auth") => self.reauth(ctx, &env, out),
             (true, _) => match self.route {
                 Route::Agent => self.agent_event(ctx, &env, out),
@@ -760,25 +756,25 @@ impl Core {
         &self,
         ctx: &Ctx,
         data: Option<&'t str>,
-    ) -> Result<(Identity, Cow<'t, str>), String> {
-        let auth = envelope::auth_data(data).map_err(|e| e.0)?;
-        let identity = ctx
-            .verifier
-            .verify(&auth.token, ctx.unix_ms / 1000)
-            .map_err(|e| e.0)?;
+    ) -> Result<(Identity, Cow<'t, str>), AuthError> {
+        let auth =
+            envelope::auth_data(data).map_err(|e| AuthError::new(AuthFailure::Other, e.0))?;
+        let identity = ctx.verifier.verify(&auth.token, ctx.unix_ms / 1000)?;
         let role_fits = match self.route {
             Route::Agent => identity.role == Role::Agent,
             Route::Client => identity.role != Role::Agent,
         };
         if !role_fits {
-            return Err("wrong role for this endpoint".into());
+            let msg = "wrong role for this endpoint";
+            return Err(AuthError::new(AuthFailure::WrongRole, msg));
         }
         if self.route == Route::Client {
             return Ok((identity, Cow::Borrowed("")));
         }
+        let machine_id = |msg| Err(AuthError::new(AuthFailure::MachineId, msg));
         match auth.machine_id.as_deref() {
-            None => Err("data.machineId is required".into()),
-            Some(id) if id != &*identity.sub => Err("machineId does not match the token".into()),
+            None => machine_id("data.machineId is required"),
+            Some(id) if id != &*identity.sub => machine_id("machineId does not match the token"),
             Some(_) => Ok((identity, auth.version.unwrap_or(Cow::Borrowed("")))),
         }
     }
@@ -786,7 +782,7 @@ impl Core {
     fn first_auth(&mut self, ctx: &Ctx, env: &Inbound<'_>, out: &mut impl FnMut(Output<'_>)) {
         let (identity, version) = match self.verify(ctx, env.data) {
             Ok(found) => found,
-            Err(msg) => return self.auth_failed(ctx, &msg, env.id.as_deref(), out),
+            Err(e) => return self.auth_failed(ctx, &e, env.id.as_deref(), out),
         };
         self.phase_deadline = NEVER;
         if self.route == Route::Agent {
@@ -818,13 +814,15 @@ impl Core {
         let id = env.id.as_deref();
         let identity = match self.verify(ctx, env.data) {
             Ok((identity, _)) => identity,
-            Err(msg) => return self.auth_failed(ctx, &msg, id, out),
+            Err(e) => return self.auth_failed(ctx, &e, id, out),
         };
         let Phase::Open(current) = &mut self.phase else {
             return;
         };
         if !current.same_identity(&identity) {
-            return self.auth_failed(ctx, "the token is for another identity", id, out);
+            let msg = "the token is for another identity";
+            let e = AuthError::new(AuthFailure::IdentityChanged, msg);
+            return self.auth_failed(ctx, &e, id, out);
         }
         *current = identity;
         let exp = current.exp;
@@ -860,31 +858,27 @@ impl Core {
         };
         let id = env.id.as_deref();
         let event = env.event.as_ref();
-        match event {
-            "heartbeat" | "metrics" | "server:status" | "player:joined" | "player:left"
-            | "notification" => match envelope::relayed_data(event, env.data) {
-                Ok(data) => out(Output::Relay {
-                    event: if event == "server:status" {
-                        "server:updated"
-                    } else {
-                        event
-                    },
+        if let Some(relayed) = envelope::relayed_data(event, env.data) {
+            return match relayed {
+                Ok((kind, data)) => out(Output::Relay {
+                    kind,
                     machine_id: &identity.sub,
                     cluster_id: identity.cluster.as_deref().unwrap_or(""),
                     data,
-                    services_only: matches!(event, "heartbeat" | "metrics"),
                 }),
                 Err(err) => send_error(ctx, ErrorCode::InvalidMessage, &err.0, id, out),
-            },
-            "command:response" => match envelope::command_response_id(env.data) {
-                Ok(cmd_id) => out(Output::CommandResponse {
-                    cmd_id: &cmd_id,
-                    data: env.data.unwrap_or("null"),
-                }),
-                Err(err) => send_error(ctx, ErrorCode::InvalidMessage, &err.0, id, out),
-            },
-            // Unknown events, and client events sent by an agent, are ignored.
-            _ => {}
+            };
+        }
+        // Unknown events, and client events sent by an agent, are ignored.
+        if event != "command:response" {
+            return;
+        }
+        match envelope::command_response_id(env.data) {
+            Ok(cmd_id) => out(Output::CommandResponse {
+                cmd_id: &cmd_id,
+                data: env.data.unwrap_or("null"),
+            }),
+            Err(err) => send_error(ctx, ErrorCode::InvalidMessage, &err.0, id, out),
         }
     }
 
@@ -945,6 +939,12 @@ fn authenticated(identity: &Identity, id: Option<&str>, ts_ms: u64) -> Bytes {
             envelope::authenticated_client(&identity.sub, "service", &all, id, ts_ms)
         }
     }
+}
+
+/// `AUTH_FAILED` for a first message that is not `auth`; `detail` follows the text.
+fn not_auth(detail: String) -> AuthError {
+    let msg = format!("expected auth as the first message{detail}");
+    AuthError::new(AuthFailure::NotAuth, msg)
 }
 
 fn send_error(
@@ -1091,17 +1091,16 @@ mod tests {
                 Ev::Online(identity.sub.to_string(), version.to_string())
             }
             Output::Relay {
-                event,
+                kind,
                 machine_id,
                 cluster_id,
                 data,
-                services_only,
             } => Ev::Relay {
-                event: event.into(),
+                event: kind.outbound().into(),
+                services_only: kind.services_only(),
                 machine_id: machine_id.into(),
                 cluster_id: cluster_id.into(),
                 data: data.into(),
-                services_only,
             },
             Output::CommandResponse { cmd_id, data } => {
                 Ev::CommandResponse(cmd_id.into(), data.into())
@@ -2568,8 +2567,11 @@ mod tests {
         fn rate_limited(&self) {
             self.0.borrow_mut().push("rate_limited".into());
         }
-        fn auth_failed(&self, message: &str) {
-            self.0.borrow_mut().push(format!("auth_failed {message}"));
+        fn auth_failed(&self, reason: AuthFailure, message: &str) {
+            let label = reason.label();
+            self.0
+                .borrow_mut()
+                .push(format!("auth_failed {label} {message}"));
         }
         fn auth_timeout(&self) {
             self.0.borrow_mut().push("auth_timeout".into());
@@ -2615,12 +2617,26 @@ mod tests {
             seen,
             [
                 "message heartbeat",
-                "auth_failed expected auth as the first message",
+                "auth_failed not_auth expected auth as the first message",
                 "closed 4001"
             ]
         );
         let seen = observed(limits(), &[(zero, request("/nope"))]);
         assert_eq!(seen, ["rejected 404"]);
+        let wrong = agent_auth(&token(&agent_spec("mch_1", "clu_a")), "mch_2");
+        for (path, failed) in [
+            (
+                AGENT_PATH,
+                "auth_failed machine_id machineId does not match the token",
+            ),
+            (
+                CLIENT_PATH,
+                "auth_failed wrong_role wrong role for this endpoint",
+            ),
+        ] {
+            let seen = observed(limits(), &[(zero, request(path)), (zero, text(&wrong))]);
+            assert_eq!(seen, ["message auth", failed, "closed 4001"]);
+        }
         let seen = observed(limits(), &[(zero, request(AGENT_PATH)), (secs(11), vec![])]);
         assert_eq!(seen, ["auth_timeout", "closed 4002"]);
         let auth = agent_auth(&token(&agent_spec("mch_1", "clu_a")), "mch_1");

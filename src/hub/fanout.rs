@@ -1,0 +1,137 @@
+//! Fan-out: who on this worker receives which cluster's events, and relaying an event
+//! once encoded to the local subscribers and to every other worker with receivers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use indexmap::IndexSet;
+
+use super::{Action, Hub, Msg, Sink};
+use crate::conn::ConnId;
+use crate::protocol::envelope::{self, RelayKind};
+
+/// This worker's subscribers: users by cluster, and services (who see every cluster).
+#[derive(Debug, Default)]
+pub(super) struct Subscriptions {
+    users: HashMap<Box<str>, IndexSet<ConnId>>,
+    services: IndexSet<ConnId>,
+}
+
+impl Subscriptions {
+    pub fn subscribe_user(&mut self, id: ConnId, clusters: &[Box<str>]) {
+        for c in clusters {
+            self.users.entry(c.clone()).or_default().insert(id);
+        }
+    }
+
+    pub fn unsubscribe_user(&mut self, id: ConnId, clusters: &[Box<str>]) {
+        for c in clusters {
+            if let Some(set) = self.users.get_mut(c) {
+                set.swap_remove(&id);
+                if set.is_empty() {
+                    self.users.remove(c);
+                }
+            }
+        }
+    }
+
+    pub fn subscribe_service(&mut self, id: ConnId) {
+        self.services.insert(id);
+    }
+
+    pub fn unsubscribe_service(&mut self, id: ConnId) {
+        self.services.swap_remove(&id);
+    }
+
+    /// Whether a local connection receives an event of `cluster`.
+    fn any(&self, cluster: &str, services_only: bool) -> bool {
+        !self.services.is_empty() || (!services_only && self.users.contains_key(cluster))
+    }
+}
+
+impl Hub {
+    /// An agent event: encoded once, delivered here and to every other worker with
+    /// receivers; not encoded at all when nobody would receive it.
+    pub fn relay(
+        &mut self,
+        kind: &RelayKind<'_>,
+        machine_id: &str,
+        cluster_id: &str,
+        data: &str,
+        ts: u64,
+        out: &mut impl Sink,
+    ) {
+        let services_only = kind.services_only();
+        if !self.has_receivers(cluster_id, services_only) {
+            return;
+        }
+        let frame = envelope::relay(kind.outbound(), machine_id, cluster_id, data, ts);
+        self.fan_out(Arc::from(cluster_id), frame, services_only, out);
+    }
+
+    /// A service's notification for a cluster.
+    pub fn notify(&mut self, cluster_id: &str, data: &str, ts: u64, out: &mut impl Sink) {
+        let frame = envelope::notification(data, ts);
+        self.fan_out(Arc::from(cluster_id), frame, false, out);
+    }
+
+    /// Whether anyone, here or on another worker, would receive an event of `cluster`.
+    fn has_receivers(&self, cluster: &str, services_only: bool) -> bool {
+        self.subs.any(cluster, services_only)
+            || self
+                .shared
+                .workers
+                .iter()
+                .enumerate()
+                .any(|(w, p)| w != usize::from(self.index) && p.receives(services_only))
+    }
+
+    pub(super) fn fan_out(
+        &mut self,
+        cluster: Arc<str>,
+        frame: Bytes,
+        services_only: bool,
+        out: &mut impl Sink,
+    ) {
+        self.m().relay_events.add(1);
+        for (w, p) in self.shared.workers.iter().enumerate() {
+            if w != usize::from(self.index) && p.receives(services_only) {
+                let msg = Msg::Deliver {
+                    cluster: cluster.clone(),
+                    frame: frame.clone(),
+                    services_only,
+                };
+                out.act(Action::Post {
+                    worker: w as u16,
+                    msg,
+                });
+            }
+        }
+        self.deliver(&cluster, &frame, services_only, out);
+    }
+
+    /// Hands an encoded event to this worker's subscribers of `cluster`.
+    pub(super) fn deliver(
+        &self,
+        cluster: &str,
+        frame: &Bytes,
+        services_only: bool,
+        out: &mut impl Sink,
+    ) {
+        let subs = &self.subs;
+        if !subs.services.is_empty() {
+            let to = subs.services.iter();
+            out.act(Action::Deliver { to, frame });
+        }
+        if services_only {
+            return;
+        }
+        if let Some(set) = subs.users.get(cluster) {
+            out.act(Action::Deliver {
+                to: set.iter(),
+                frame,
+            });
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! Routing without sockets: the hub's actions for each input, with time passed in.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use serde_json::Value;
+
+use super::*;
+use crate::metrics::CommandOutcome;
+
+const TS: u64 = 1_700_000_000_000;
+
+/// An action, owned, with frames decoded to JSON.
+#[derive(Debug)]
+enum Did {
+    Send(ConnId, Value),
+    Deliver(Vec<ConnId>, Value),
+    Close(ConnId, u16),
+    Timer(u64, Instant),
+    Post(u16, Msg),
+}
+
+#[derive(Default)]
+struct Rec(Vec<Did>);
+
+impl Sink for Rec {
+    fn act(&mut self, action: Action<'_>) {
+        self.0.push(match action {
+            Action::Send { conn, frame } => Did::Send(conn, json(&frame)),
+            Action::Deliver { to, frame } => Did::Deliver(to.copied().collect(), json(frame)),
+            Action::Close { conn, code, .. } => Did::Close(conn, code),
+            Action::ArmTimer { seq, at } => Did::Timer(seq, at),
+            Action::Post { worker, msg } => Did::Post(worker, msg),
+        });
+    }
+}
+
+impl Rec {
+    fn take(&mut self) -> Vec<Did> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// The JSON text of one unmasked server text frame.
+fn json(frame: &[u8]) -> Value {
+    let start = match frame[1] & 0x7F {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    serde_json::from_slice(&frame[start..]).expect("a JSON text frame")
+}
+
+fn conn(slot: u32) -> ConnId {
+    ConnId { slot, gen: 1 }
+}
+
+fn identity(role: Role, sub: &str, clusters: &[&str]) -> Identity {
+    Identity {
+        role,
+        sub: sub.into(),
+        cluster: (role == Role::Agent).then(|| clusters[0].into()),
+        clusters: match role {
+            Role::User => clusters.iter().map(|&c| c.into()).collect(),
+            _ => Vec::new(),
+        },
+        perms: None,
+        exp: u64::MAX,
+        iat: None,
+    }
+}
+
+fn agent(machine: &str, cluster: &str) -> Identity {
+    identity(Role::Agent, machine, &[cluster])
+}
+
+fn user(clusters: &[&str]) -> Identity {
+    identity(Role::User, "usr_1", clusters)
+}
+
+/// `n` hubs sharing one registry, as the workers of one process.
+fn hubs(n: usize) -> Vec<Hub> {
+    let shared = Arc::new(Shared::new(n));
+    (0..n)
+        .map(|i| Hub::new(i as u16, shared.clone(), Duration::from_secs(30)))
+        .collect()
+}
+
+fn event(v: &Value) -> &str {
+    v["event"].as_str().unwrap_or_default()
+}
+
+fn status(id: &str) -> RelayKind<'_> {
+    RelayKind::ServerStatus {
+        server_id: id.into(),
+    }
+}
+
+#[test]
+fn a_replaced_agent_gets_4009_and_no_offline_is_announced() {
+    let mut h = hubs(1);
+    let hub = &mut h[0];
+    let (mut out, t0) = (Rec::default(), Instant::now());
+    hub.online(conn(9), &user(&["clu_a"]), "", TS, &mut out);
+    let who = agent("mch_1", "clu_a");
+    hub.online(conn(1), &who, "1.0", TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Deliver(to, v)]
+        if to == &[conn(9)] && event(v) == "machine:online"));
+
+    hub.online(conn(2), &who, "1.1", TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Close(c, 4009), Did::Deliver(_, v)]
+        if *c == conn(1) && event(v) == "machine:online" && v["data"]["version"] == "1.1"),
+        "{did:?}"
+    );
+
+    // The old connection ends: the machine is still online through the new one.
+    hub.offline(conn(1), &who, t0, TS, &mut out);
+    assert!(out.take().is_empty());
+    let loc = hub.shared.machines.get("mch_1").map(|l| l.conn);
+    assert_eq!(loc, Some(conn(2)));
+
+    hub.offline(conn(2), &who, t0, TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Deliver(to, v)]
+        if to == &[conn(9)] && event(v) == "machine:offline"));
+    assert!(hub.shared.machines.is_empty());
+}
+
+#[test]
+fn an_agent_replaced_on_another_worker_is_closed_there() {
+    let mut h = hubs(2);
+    let (mut out, who) = (Rec::default(), agent("mch_1", "clu_a"));
+    h[1].online(conn(1), &who, "", TS, &mut out);
+    h[0].online(conn(5), &who, "", TS, &mut out);
+    let did = out.take();
+    let [Did::Post(1, msg)] = &did[..] else {
+        panic!("{did:?}")
+    };
+    assert!(matches!(msg, Msg::Close { conn: c, code: 4009, .. } if *c == conn(1)));
+    let Did::Post(_, msg) = did.into_iter().next().unwrap() else {
+        unreachable!()
+    };
+    h[1].handle(msg, Instant::now(), TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Close(c, 4009)] if *c == conn(1)));
+}
+
+/// A user (conn 9) and an agent (conn 1) of clu_a on one worker; returns the command's
+/// sequence number and id after the user issued it.
+fn issue(hub: &mut Hub, out: &mut Rec, now: Instant) -> (u64, String) {
+    hub.online(conn(9), &user(&["clu_a"]), "", TS, out);
+    hub.online(conn(1), &agent("mch_1", "clu_a"), "", TS, out);
+    out.take();
+    let data = r#"{"machineId":"mch_1","type":"restart"}"#;
+    hub.command(
+        conn(9),
+        &user(&["clu_a"]),
+        "r1",
+        "mch_1",
+        data,
+        now,
+        TS,
+        out,
+    );
+    let did = out.take();
+    let [Did::Timer(seq, at), Did::Send(to, v)] = &did[..] else {
+        panic!("{did:?}")
+    };
+    assert_eq!((*to, *at), (conn(1), now + Duration::from_secs(30)));
+    assert_eq!(event(v), "command");
+    assert_eq!(v["data"]["type"], "restart");
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    assert_eq!(id, format!("cmd_{:08x}_0_{seq}", hub.shared.nonce));
+    (*seq, id)
+}
+
+fn failed(did: &[Did]) -> &str {
+    match did {
+        [Did::Send(to, v)] if *to == conn(9) && event(v) == "error" => {
+            assert_eq!(v["data"]["code"], "COMMAND_FAILED");
+            assert_eq!(v["id"], "r1");
+            v["data"]["message"].as_str().unwrap()
+        }
+        _ => panic!("{did:?}"),
+    }
+}
+
+fn counted(hub: &Hub, outcome: CommandOutcome) -> u64 {
+    hub.m().commands[outcome as usize].get()
+}
+
+#[test]
+fn an_answered_command_reaches_its_issuer_once() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    let (_, id) = issue(hub, &mut out, t0);
+    let later = t0 + Duration::from_millis(40);
+    hub.command_response(conn(1), &id, r#"{"ok":true}"#, later, TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Send(to, v)]
+        if *to == conn(9) && event(v) == "command:response" && v["id"] == "r1"
+            && v["data"]["ok"] == true),
+        "{did:?}"
+    );
+    // A second answer, or one from another connection, is ignored.
+    hub.command_response(conn(1), &id, "{}", later, TS, &mut out);
+    assert!(out.take().is_empty());
+    assert_eq!(counted(hub, CommandOutcome::Answered), 1);
+    assert_eq!(hub.pending_commands(), 0);
+}
+
+#[test]
+fn an_answer_from_another_connection_is_ignored() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    let (_, id) = issue(hub, &mut out, t0);
+    hub.online(conn(2), &agent("mch_2", "clu_a"), "", TS, &mut out);
+    out.take();
+    hub.command_response(conn(2), &id, "{}", t0, TS, &mut out);
+    assert!(out.take().is_empty());
+    assert_eq!(hub.pending_commands(), 1);
+}
+
+#[test]
+fn a_command_times_out_and_a_late_answer_is_dropped() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    let (seq, id) = issue(hub, &mut out, t0);
+    let t1 = t0 + Duration::from_secs(30);
+    hub.command_timed_out(seq, t1, TS, &mut out);
+    assert_eq!(failed(&out.take()), "command timed out");
+    hub.command_response(conn(1), &id, "{}", t1, TS, &mut out);
+    assert!(out.take().is_empty());
+    // A timer of a finished command does nothing.
+    hub.command_timed_out(seq, t1, TS, &mut out);
+    assert!(out.take().is_empty());
+    assert_eq!(counted(hub, CommandOutcome::Timeout), 1);
+}
+
+#[test]
+fn a_command_for_a_machine_not_connected_or_not_visible_fails() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    hub.online(conn(1), &agent("mch_1", "clu_b"), "", TS, &mut out);
+    out.take();
+    let who = user(&["clu_a"]);
+    hub.command(conn(9), &who, "r1", "mch_2", "{}", t0, TS, &mut out);
+    assert_eq!(failed(&out.take()), "machine not connected");
+    hub.command(conn(9), &who, "r1", "mch_1", "{}", t0, TS, &mut out);
+    assert_eq!(failed(&out.take()), "forbidden");
+    assert_eq!(counted(hub, CommandOutcome::NotConnected), 1);
+    assert_eq!(counted(hub, CommandOutcome::Forbidden), 1);
+    assert_eq!(hub.pending_commands(), 0);
+}
+
+#[test]
+fn an_agent_leaving_before_answering_fails_the_command() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    issue(hub, &mut out, t0);
+    hub.offline(conn(1), &agent("mch_1", "clu_a"), t0, TS, &mut out);
+    let did = out.take();
+    // The user sees the machine leave, then the command fail.
+    let [Did::Deliver(_, v), rest @ ..] = &did[..] else {
+        panic!("{did:?}")
+    };
+    assert_eq!(event(v), "machine:offline");
+    assert_eq!(failed(rest), "machine disconnected before answering");
+    assert_eq!(counted(hub, CommandOutcome::Disconnected), 1);
+}
+
+#[test]
+fn a_command_reaching_a_worker_whose_agent_left_fails_as_gone() {
+    let mut h = hubs(2);
+    let (mut out, t0) = (Rec::default(), Instant::now());
+    let who = agent("mch_1", "clu_a");
+    h[1].online(conn(1), &who, "", TS, &mut out);
+    h[0].online(conn(9), &user(&["clu_a"]), "", TS, &mut out);
+    out.take();
+    h[0].command(
+        conn(9),
+        &user(&["clu_a"]),
+        "r1",
+        "mch_1",
+        "{}",
+        t0,
+        TS,
+        &mut out,
+    );
+    let mut did = out.take();
+    assert!(matches!(
+        &did[..],
+        [Did::Timer(..), Did::Post(1, Msg::ToAgent { .. })]
+    ));
+    let Some(Did::Post(_, to_agent)) = did.pop() else {
+        unreachable!()
+    };
+    // The agent leaves before the command reaches its worker.
+    h[1].offline(conn(1), &who, t0, TS, &mut out);
+    out.take();
+    h[1].handle(to_agent, t0, TS, &mut out);
+    let mut did = out.take();
+    assert!(matches!(
+        &did[..],
+        [Did::Post(
+            0,
+            Msg::CommandResult {
+                result: Err(Failure::Gone),
+                ..
+            }
+        )]
+    ));
+    let Some(Did::Post(_, result)) = did.pop() else {
+        unreachable!()
+    };
+    h[0].handle(result, t0, TS, &mut out);
+    assert_eq!(failed(&out.take()), "machine disconnected");
+    assert_eq!(counted(&h[0], CommandOutcome::Disconnected), 1);
+}
+
+#[test]
+fn a_command_answered_on_another_worker_comes_back_to_its_issuer() {
+    let mut h = hubs(2);
+    let (mut out, t0) = (Rec::default(), Instant::now());
+    h[1].online(conn(1), &agent("mch_1", "clu_a"), "", TS, &mut out);
+    h[0].online(conn(9), &user(&["clu_a"]), "", TS, &mut out);
+    out.take();
+    h[0].command(
+        conn(9),
+        &user(&["clu_a"]),
+        "r1",
+        "mch_1",
+        "{}",
+        t0,
+        TS,
+        &mut out,
+    );
+    let Some(Did::Post(1, to_agent)) = out.take().pop() else {
+        panic!("no ToAgent")
+    };
+    h[1].handle(to_agent, t0, TS, &mut out);
+    let Some(Did::Send(c, v)) = out.take().pop() else {
+        panic!("the agent got nothing")
+    };
+    assert_eq!(c, conn(1));
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    h[1].command_response(conn(1), &id, r#"{"done":1}"#, t0, TS, &mut out);
+    let Some(Did::Post(0, result)) = out.take().pop() else {
+        panic!("no result posted")
+    };
+    h[0].handle(result, t0, TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Send(c, v)]
+        if *c == conn(9) && v["data"]["done"] == 1),
+        "{did:?}"
+    );
+}
+
+#[test]
+fn draining_fails_the_commands_of_closing_clients_and_of_the_admin_api() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    issue(hub, &mut out, t0);
+    let (tx, rx) = mpsc::channel();
+    let req = AdminRequest::Command {
+        machine_id: "mch_1".into(),
+        data: "{}".into(),
+        reply: tx,
+    };
+    hub.handle(Msg::Admin(req), t0, TS, &mut out);
+    out.take();
+    assert_eq!(hub.pending_commands(), 2);
+
+    hub.fail_http_commands(t0, TS, &mut out);
+    assert!(out.take().is_empty());
+    assert_eq!(rx.try_recv().unwrap(), Err(Failure::Draining));
+    let others: HashSet<ConnId> = [conn(9)].into();
+    hub.fail_commands_of(&others, t0, TS, &mut out);
+    assert_eq!(failed(&out.take()), "the gateway is shutting down");
+    assert_eq!(counted(hub, CommandOutcome::Draining), 2);
+    assert_eq!(hub.pending_commands(), 0);
+}
+
+#[test]
+fn nothing_is_encoded_when_nobody_can_receive() {
+    let mut h = hubs(2);
+    let (mut out, who) = (Rec::default(), agent("mch_1", "clu_a"));
+    h[0].online(conn(1), &who, "", TS, &mut out);
+    out.take();
+    let before = h[0].m().relay_events.get();
+    h[0].agent_event(
+        conn(1),
+        &status("srv_1"),
+        "mch_1",
+        "clu_a",
+        "{}",
+        TS,
+        &mut out,
+    );
+    assert!(out.take().is_empty());
+    assert_eq!(h[0].m().relay_events.get(), before);
+    // A user of another cluster here, and one on the other worker: heartbeats are for
+    // services only, so still nobody.
+    h[0].online(conn(8), &user(&["clu_b"]), "", TS, &mut out);
+    h[1].online(conn(3), &user(&["clu_a"]), "", TS, &mut out);
+    out.take();
+    let (hb, before) = (RelayKind::Heartbeat, h[0].m().relay_events.get());
+    h[0].agent_event(conn(1), &hb, "mch_1", "clu_a", r#"{"cpu":1}"#, TS, &mut out);
+    assert!(out.take().is_empty());
+    assert_eq!(h[0].m().relay_events.get(), before);
+}
+
+#[test]
+fn events_are_posted_only_to_workers_with_receivers() {
+    let mut h = hubs(3);
+    let mut out = Rec::default();
+    h[0].online(conn(1), &agent("mch_1", "clu_a"), "", TS, &mut out);
+    h[1].online(conn(4), &user(&["clu_a"]), "", TS, &mut out);
+    out.take();
+    let data = r#"{"serverId":"srv_1","status":"running"}"#;
+    h[0].agent_event(
+        conn(1),
+        &status("srv_1"),
+        "mch_1",
+        "clu_a",
+        data,
+        TS,
+        &mut out,
+    );
+    let mut did = out.take();
+    assert!(
+        matches!(
+            &did[..],
+            [Did::Post(
+                1,
+                Msg::Deliver {
+                    services_only: false,
+                    ..
+                }
+            )]
+        ),
+        "{did:?}"
+    );
+    let Some(Did::Post(_, deliver)) = did.pop() else {
+        unreachable!()
+    };
+    h[1].handle(deliver, Instant::now(), TS, &mut out);
+    let did = out.take();
+    let [Did::Deliver(to, v)] = &did[..] else {
+        panic!("{did:?}")
+    };
+    assert_eq!(to, &[conn(4)]);
+    assert_eq!(event(v), "server:updated");
+    assert_eq!(v["data"]["machineId"], "mch_1");
+    assert_eq!(v["data"]["status"], "running");
+
+    // A service on worker 2 receives heartbeats; the user on worker 1 does not.
+    h[2].online(
+        conn(6),
+        &identity(Role::Service, "svc", &[]),
+        "",
+        TS,
+        &mut out,
+    );
+    out.take();
+    let hb = RelayKind::Heartbeat;
+    h[0].agent_event(conn(1), &hb, "mch_1", "clu_a", "{}", TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(
+            &did[..],
+            [Did::Post(
+                2,
+                Msg::Deliver {
+                    services_only: true,
+                    ..
+                }
+            )]
+        ),
+        "{did:?}"
+    );
+    // Once the user leaves, worker 1 gets nothing more.
+    h[1].offline(conn(4), &user(&["clu_a"]), Instant::now(), TS, &mut out);
+    assert_eq!(h[1].shared.workers[1].clients.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn the_latest_reports_are_kept_per_agent() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    hub.online(conn(1), &agent("mch_1", "clu_a"), "2.0", TS, &mut out);
+    let s1 = r#"{"serverId":"srv_1","status":"starting"}"#;
+    let s1b = r#"{"serverId":"srv_1","status":"running"}"#;
+    let s2 = r#"{"serverId":"srv_2","status":"stopped"}"#;
+    for (kind, data) in [
+        (status("srv_1"), s1),
+        (status("srv_2"), s2),
+        (status("srv_1"), s1b),
+    ] {
+        hub.agent_event(conn(1), &kind, "mch_1", "clu_a", data, TS, &mut out);
+    }
+    hub.agent_event(
+        conn(1),
+        &RelayKind::Heartbeat,
+        "mch_1",
+        "clu_a",
+        "{}",
+        TS + 5,
+        &mut out,
+    );
+    let (tx, rx) = mpsc::channel();
+    let req = AdminRequest::Machine {
+        machine_id: "mch_1".into(),
+        reply: tx,
+    };
+    hub.handle(Msg::Admin(req), t0, TS, &mut out);
+    let info = rx.try_recv().unwrap().expect("mch_1 is here");
+    assert_eq!((&*info.version, info.last_heartbeat), ("2.0", Some(TS + 5)));
+    let detail = info.detail.unwrap();
+    assert_eq!(detail.servers, vec![s1b.to_string(), s2.to_string()]);
+    assert_eq!(detail.heartbeat.as_deref(), Some("{}"));
+}
