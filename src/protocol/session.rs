@@ -150,10 +150,26 @@ struct Bucket {
     refilled_ms: u64,
     /// When the last `RATE_LIMIT` error went out (`NEVER`: not yet).
     error_ms: u64,
-    /// The last one-second window (ms / 1000 since the epoch) with a dropped message.
-    drop_window: u64,
-    /// How many consecutive windows up to `drop_window` dropped messages.
-    drop_run: u32,
+    /// When the current run of drops began (`NEVER`: no run). Its seconds are counted
+    /// from here, not from accept, so a close never comes early (PROTOCOL.md section 7).
+    run_start_ms: u64,
+    /// The last second of the run (0-based, from `run_start_ms`) that dropped a message.
+    run_second: u64,
+}
+
+impl Bucket {
+    /// Counts a dropped message into the run; returns how long the run has lasted (ms).
+    fn record_drop(&mut self, now: u64) -> u64 {
+        let second = now.saturating_sub(self.run_start_ms) / 1000;
+        // A whole second of the run without a drop ends it; this drop starts a new one.
+        if self.run_start_ms == NEVER || now < self.run_start_ms || second > self.run_second + 1 {
+            self.run_start_ms = now;
+            self.run_second = 0;
+        } else {
+            self.run_second = second;
+        }
+        now - self.run_start_ms
+    }
 }
 
 /// One connection's protocol state.
@@ -207,8 +223,8 @@ impl Session {
                 milli_tokens: u64::from(limits.rate_burst) * 1000,
                 refilled_ms: 0,
                 error_ms: NEVER,
-                drop_window: 0,
-                drop_run: 0,
+                run_start_ms: NEVER,
+                run_second: 0,
             },
         };
         core.phase_deadline = core.deadline(now, limits.handshake_timeout);
@@ -731,14 +747,7 @@ impl Core {
             b.milli_tokens -= 1000;
             return true;
         }
-        let window = now / 1000;
-        b.drop_run = match b.drop_run {
-            0 => 1,
-            run if window == b.drop_window => run,
-            run if window == b.drop_window + 1 => run.saturating_add(1),
-            _ => 1,
-        };
-        b.drop_window = window;
+        let run_lasted = b.record_drop(now);
         ctx.observer.rate_limited();
         if b.error_ms == NEVER || now >= b.error_ms.saturating_add(1000) {
             b.error_ms = now;
@@ -749,7 +758,7 @@ impl Core {
             send_error(ctx, ErrorCode::RateLimit, &msg, None, out);
         }
         let close_after = limits.rate_limit_close_after;
-        if close_after > 0 && b.drop_run >= close_after {
+        if close_after > 0 && run_lasted >= u64::from(close_after) * 1000 {
             self.close_with(ctx, CLOSE_RATE_LIMIT, "rate limit exceeded", out);
         }
         false
@@ -2177,39 +2186,41 @@ mod tests {
         assert_error(&h.send(ms(3), &heartbeat()), "RATE_LIMIT", None);
     }
 
-    #[test]
-    fn rate_limit_closes_after_consecutive_seconds() {
-        let mut h = Harness::agent(rate_limits(1, 1, 3));
-        // Second 0: the burst went to auth; drop.
-        assert_error(&h.send(ms(500), &heartbeat()), "RATE_LIMIT", None);
-        // Second 1: one passes, the next drops (run 2).
-        assert!(matches!(
-            &h.send(ms(1_100), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        assert_error(&h.send(ms(1_600), &heartbeat()), "RATE_LIMIT", None);
-        // Second 2: run 3 → close 4008.
-        assert!(matches!(
-            &h.send(ms(2_700), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        // The error is due again (more than a second since the last one), then 4008.
-        let evs = h.send(ms(2_800), &heartbeat());
-        assert_fatal(&evs, "RATE_LIMIT", 4008, None);
-        assert_closed(&mut h, secs(3));
+    /// Sends heartbeats at `at` until one is dropped; what that drop answered.
+    fn drop_at(h: &mut Harness, at: Duration) -> Vec<Ev> {
+        loop {
+            let evs = h.send(at, &heartbeat());
+            if !matches!(&evs[..], [Ev::Relay { .. }]) {
+                return evs;
+            }
+        }
     }
 
     #[test]
-    fn rate_limit_close_without_a_due_error() {
-        let mut h = Harness::agent(rate_limits(1, 1, 2));
-        // Second 0 drops at 900 ms (error); second 1 drops at 1 500 ms, within a second of
-        // the last error: only the close frame.
-        assert_error(&h.send(ms(900), &heartbeat()), "RATE_LIMIT", None);
-        assert!(matches!(
-            &h.send(ms(1_100), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        let evs = h.send(ms(1_500), &heartbeat());
+    fn rate_limit_closes_after_consecutive_seconds() {
+        let mut h = Harness::agent(rate_limits(1, 1, 3));
+        // The run starts at the first drop (500 ms) and drops in each of its seconds.
+        assert_error(&drop_at(&mut h, ms(500)), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(1_600)), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(2_700)), "RATE_LIMIT", None);
+        assert!(drop_at(&mut h, ms(3_499)).is_empty());
+        assert!(!h.session.is_closed());
+        // Three seconds of run: the next drop closes, after the (due) error.
+        let evs = drop_at(&mut h, ms(3_800));
+        assert_fatal(&evs, "RATE_LIMIT", 4008, None);
+        assert_closed(&mut h, secs(4));
+    }
+
+    #[test]
+    fn a_first_drop_late_in_a_second_does_not_shorten_the_run() {
+        // Seconds counted from accept would close at 2 100 ms, barely 1.2 s into the run.
+        let mut h = Harness::agent(rate_limits(1, 1, 3));
+        assert_error(&drop_at(&mut h, ms(900)), "RATE_LIMIT", None);
+        for t in [1_050, 1_800, 2_100, 2_700, 3_600, 3_899] {
+            drop_at(&mut h, ms(t));
+            assert!(!h.session.is_closed(), "closed at {t} ms");
+        }
+        let evs = drop_at(&mut h, ms(3_900));
         assert!(
             matches!(&evs[..], [Ev::CloseFrame(4008, _), Ev::Close]),
             "{evs:?}"
@@ -2217,27 +2228,34 @@ mod tests {
     }
 
     #[test]
-    fn a_second_without_drops_resets_the_count() {
+    fn rate_limit_close_without_a_due_error() {
         let mut h = Harness::agent(rate_limits(1, 1, 2));
-        assert_error(&h.send(ms(500), &heartbeat()), "RATE_LIMIT", None);
-        // Second 1: no drop.
+        // Errors at 900 and 2 000 ms; the close at 2 900 ms comes within a second of the
+        // last error: only the close frame.
+        assert_error(&drop_at(&mut h, ms(900)), "RATE_LIMIT", None);
+        assert!(drop_at(&mut h, ms(1_500)).is_empty());
+        assert_error(&drop_at(&mut h, ms(2_000)), "RATE_LIMIT", None);
+        let evs = drop_at(&mut h, ms(2_900));
+        assert!(
+            matches!(&evs[..], [Ev::CloseFrame(4008, _), Ev::Close]),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn a_second_without_drops_ends_the_run() {
+        let mut h = Harness::agent(rate_limits(1, 1, 2));
+        assert_error(&drop_at(&mut h, ms(500)), "RATE_LIMIT", None);
+        // Run second 1 (1 500..2 500 ms) drops nothing: the drop at 2 600 ms starts a new run.
         assert!(matches!(
             &h.send(ms(1_500), &heartbeat())[..],
             [Ev::Relay { .. }]
         ));
-        // Second 2: a drop, but the run starts again at 1.
-        assert!(matches!(
-            &h.send(ms(2_500), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        assert_error(&h.send(ms(2_600), &heartbeat()), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(2_600)), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(3_700)), "RATE_LIMIT", None);
         assert!(!h.session.is_closed());
-        // Second 3: a drop again → 2 consecutive → close, after the (due) error.
-        assert!(matches!(
-            &h.send(ms(3_600), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        let evs = h.send(ms(3_700), &heartbeat());
+        // Two seconds into the new run → close, after the (due) error.
+        let evs = drop_at(&mut h, ms(4_700));
         assert_fatal(&evs, "RATE_LIMIT", 4008, None);
     }
 
@@ -2490,13 +2508,11 @@ mod tests {
         }
         // Over the limit: dropped, and no error goes to the peer.
         assert!(h.send(ms(400), &heartbeat()).is_empty());
-        // Dropping again in the next second ends it, without a second close frame.
-        assert!(matches!(
-            &h.send(ms(1_000), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        assert_eq!(h.send(ms(1_100), &heartbeat()), vec![Ev::Close]);
-        assert_closed(&mut h, secs(2));
+        // Dropping on for two seconds ends it, without a second close frame.
+        assert!(drop_at(&mut h, ms(1_300)).is_empty());
+        assert!(!h.session.is_closed());
+        assert_eq!(drop_at(&mut h, ms(2_400)), vec![Ev::Close]);
+        assert_closed(&mut h, secs(3));
     }
 
     #[test]
