@@ -152,6 +152,31 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Queues a session's frame (`latest`: in place of an unsent one, see `Output::Pong`),
+/// counts it, and notes an overflow for the 1013 close.
+fn queue(
+    io: &mut Conns,
+    overflowed: &mut Vec<ConnId>,
+    m: &WorkerMetrics,
+    id: ConnId,
+    bytes: bytes::Bytes,
+    latest: bool,
+) {
+    let len = bytes.len() as u64;
+    let queued = if latest {
+        io.send_latest(id, bytes)
+    } else {
+        io.send(id, bytes)
+    };
+    match queued {
+        crate::io::conns::Queued::Gone => return,
+        crate::io::conns::Queued::Overflow => overflowed.push(id),
+        crate::io::conns::Queued::Ok => {}
+    }
+    m.messages_out.add(1);
+    m.bytes_out.add(len);
+}
+
 fn role_index(role: Role) -> usize {
     match role {
         Role::Agent => 1,
@@ -222,16 +247,8 @@ impl Worker {
         let session = &mut conn.session;
         let panicked = {
             let mut out = |o: Output<'_>| match o {
-                Output::Send(bytes) => {
-                    let len = bytes.len() as u64;
-                    match io.send(id, bytes) {
-                        crate::io::conns::Queued::Gone => return,
-                        crate::io::conns::Queued::Overflow => hub.overflowed.push(id),
-                        crate::io::conns::Queued::Ok => {}
-                    }
-                    m.messages_out.add(1);
-                    m.bytes_out.add(len);
-                }
+                Output::Send(bytes) => queue(io, &mut hub.overflowed, m, id, bytes, false),
+                Output::Pong(bytes) => queue(io, &mut hub.overflowed, m, id, bytes, true),
                 Output::Close => {
                     io.close(id, now);
                     closed = true;

@@ -87,6 +87,9 @@ pub struct Ctx<'a> {
 pub enum Output<'a> {
     /// Queue these bytes (an HTTP response or a WebSocket frame) on this connection.
     Send(Bytes),
+    /// Queue this pong frame in place of a pong still unsent: RFC 6455 5.5.3 lets a
+    /// flood of pings be answered by the latest one only, so they cannot grow the queue.
+    Pong(Bytes),
     /// Flush what is queued, then close the connection. Nothing follows.
     Close,
     /// The connection authenticated for the first time: register and announce it.
@@ -120,6 +123,10 @@ pub enum Output<'a> {
 
 /// A deadline that is not armed. Deadlines are milliseconds since the session's epoch.
 const NEVER: u64 = u64::MAX;
+
+/// The largest message (fragments included) before authentication: an `auth` message
+/// with its token fits many times over, and an unauthenticated peer holds no more.
+pub const PRE_AUTH_MAX_MESSAGE: usize = 16 << 10;
 
 /// Which endpoint the connection was upgraded on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +236,7 @@ impl Session {
         };
         core.phase_deadline = core.deadline(now, limits.handshake_timeout);
         Session {
-            decoder: Decoder::new(limits.max_message_size),
+            decoder: Decoder::new(limits.max_message_size.min(PRE_AUTH_MAX_MESSAGE)),
             core,
         }
     }
@@ -443,6 +450,10 @@ impl Session {
                 core.close_with(ctx, reason.code(), close_text(reason), out);
             }
         }
+        if matches!(core.phase, Phase::Open(_)) {
+            self.decoder
+                .set_max_message_size(ctx.limits.max_message_size);
+        }
     }
 }
 
@@ -630,7 +641,7 @@ impl Core {
             _ if self.replaced => self.on_replaced_message(ctx, msg, out),
             Message::Ping(payload) => {
                 ctx.observer.ping();
-                out(Output::Send(codec::frame(codec::OP_PONG, payload)))
+                out(Output::Pong(codec::frame(codec::OP_PONG, payload)))
             }
             Message::Pong(_) => {}
             Message::Close(code, _) => self.close_with(ctx, code.unwrap_or(CLOSE_NORMAL), "", out),
@@ -1094,7 +1105,7 @@ mod tests {
                 let status = text[9..12].parse().unwrap();
                 Ev::Http(status, text)
             }
-            Output::Send(bytes) => server_frame(&bytes),
+            Output::Send(bytes) | Output::Pong(bytes) => server_frame(&bytes),
             Output::Close => Ev::Close,
             Output::Online { identity, version } => {
                 Ev::Online(identity.sub.to_string(), version.to_string())
@@ -1778,6 +1789,24 @@ mod tests {
         assert!(h
             .feed(secs(1), &client_frame(true, codec::OP_PONG, b""))
             .is_empty());
+    }
+
+    #[test]
+    fn before_auth_a_message_is_capped_fragments_included() {
+        let half = vec![b'x'; PRE_AUTH_MAX_MESSAGE / 2 + 1];
+        let mut h = Harness::upgraded(limits(), AGENT_PATH);
+        assert!(h
+            .feed(ms(1), &client_frame(false, codec::OP_TEXT, &half))
+            .is_empty());
+        let evs = h.feed(ms(2), &client_frame(true, codec::OP_CONTINUATION, &half));
+        assert!(
+            matches!(&evs[..], [Ev::CloseFrame(1009, _), Ev::Close]),
+            "{evs:?}"
+        );
+        // Authenticated, the connection gets the whole max_message_size.
+        let mut h = Harness::agent(limits());
+        let big = json!({"event": "heartbeat", "data": {"pad": "x".repeat(PRE_AUTH_MAX_MESSAGE)}});
+        assert!(matches!(&h.send(ms(3), &big)[..], [Ev::Relay { .. }]));
     }
 
     #[test]
