@@ -411,6 +411,82 @@ async fn socket_activation(io: &'static str) {
     drop(gw);
 }
 
+/// Makes `cmd`'s process see the kernel of Ubuntu 22.04 (5.15) as far as io_uring goes:
+/// registering a provided-buffer ring (Linux 5.19) fails with EINVAL. A seccomp filter,
+/// installed in the child before exec and inherited by every thread.
+fn without_buffer_rings(cmd: &mut Command) {
+    const IORING_REGISTER_PBUF_RING: u32 = 22;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt: 0,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    // seccomp_data: the syscall number at 0, args[1] (its low half here) at 24.
+    let filter = [
+        stmt(load, 0),
+        jeq(libc::SYS_io_uring_register as u32, 3),
+        stmt(load, 24),
+        jeq(IORING_REGISTER_PBUF_RING, 1),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EINVAL as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: prctl is async-signal-safe; the program outlives the call that copies it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[tokio::test]
+async fn io_auto_falls_back_to_epoll_where_the_ring_cannot_be_built() {
+    let (mut cmd, addr, admin) = Gateway::command("auto");
+    cmd.args(["--jwt-secret", SECRET]);
+    without_buffer_rings(&mut cmd);
+    let gw = Gateway::spawn("epoll", cmd, addr, admin).await;
+    let log = gw.log();
+    assert!(log.contains("falling back to epoll"), "{log}");
+    assert!(
+        log.contains("provided-buffer ring") && log.contains("EINVAL"),
+        "{log}"
+    );
+    assert!(log.contains(r#"backend="epoll""#), "{log}");
+    gw.agent("mch_1", "clu_a").await.assert_open().await;
+
+    // Asked for io_uring, it says why it cannot and what to do, before it listens.
+    let (mut cmd, _, _) = Gateway::command("uring");
+    cmd.args(["--jwt-secret", SECRET]);
+    without_buffer_rings(&mut cmd);
+    let (status, log) = run_to_exit(cmd);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("io_uring setup failed: the provided-buffer ring needs Linux 5.19+")
+            && log.contains("run with --io epoll"),
+        "{log}"
+    );
+    assert!(!log.contains("is listening"), "{log}");
+}
+
 #[tokio::test]
 async fn only_a_socket_named_admin_becomes_the_admin_listener() {
     // A second ListenStream= line in arcgate.socket (both named after the unit), and two
