@@ -23,9 +23,13 @@ pub const CLOSE_AUTH_TIMEOUT: u16 = 4002;
 pub const CLOSE_RATE_LIMIT: u16 = 4008;
 pub const CLOSE_REPLACED: u16 = 4009;
 
-/// How long a replaced agent connection keeps relaying what it had already sent, waiting
-/// for its close: events sent before a reconnection are not lost to the takeover.
+/// How long a replaced agent connection may go without data before its drain ends: it
+/// keeps relaying what it had already sent, waiting for its close, so that events sent
+/// before a reconnection are not lost to the takeover. An idle bound rather than a total
+/// one, so that a gateway slow to read a long backlog (a busy host) still reads it all.
 pub const REPLACED_DRAIN: Duration = Duration::from_secs(2);
+/// The drain ends this long after the takeover at the latest, however the peer sends.
+pub const REPLACED_DRAIN_MAX: Duration = Duration::from_secs(30);
 
 /// Everything a session needs to know about the gateway's configuration.
 #[derive(Debug, Clone)]
@@ -205,6 +209,8 @@ struct Core {
     /// A newer connection of this machine took over: `4009` was sent, and what the agent
     /// had sent before it is still relayed until its close (or `REPLACED_DRAIN`).
     replaced: bool,
+    /// When a replaced connection's drain ends at the latest (`REPLACED_DRAIN_MAX`).
+    drain_end: u64,
 }
 
 impl Session {
@@ -226,6 +232,7 @@ impl Session {
             expire_at: NEVER,
             upgraded_once: false,
             replaced: false,
+            drain_end: NEVER,
             bucket: Bucket {
                 milli_tokens: u64::from(limits.rate_burst) * 1000,
                 refilled_ms: 0,
@@ -298,6 +305,7 @@ impl Session {
                     c.warn_at,
                     c.expire_at,
                 ] = [NEVER; 5];
+                c.drain_end = c.deadline(ctx.now, REPLACED_DRAIN_MAX);
                 c.phase_deadline = c.deadline(ctx.now, REPLACED_DRAIN);
             }
             Phase::Handshake { .. } => {
@@ -441,6 +449,11 @@ impl Session {
         }
         // Any byte from the peer answers our ping, even the middle of a long frame.
         self.core.pong_deadline = NEVER;
+        if self.core.replaced {
+            // Data still comes: the drain goes on (see `REPLACED_DRAIN`).
+            let c = &mut self.core;
+            c.phase_deadline = c.deadline(ctx.now, REPLACED_DRAIN).min(c.drain_end);
+        }
         let core = &mut self.core;
         let result = self
             .decoder
@@ -2537,8 +2550,10 @@ mod tests {
         }
         // Over the limit: dropped, and no error goes to the peer.
         assert!(h.send(ms(400), &heartbeat()).is_empty());
-        // Dropping on for two seconds ends it, without a second close frame.
+        // Dropping on for two seconds (in each second of the run) ends it, without a
+        // second close frame.
         assert!(drop_at(&mut h, ms(1_300)).is_empty());
+        assert!(drop_at(&mut h, ms(1_500)).is_empty());
         assert!(!h.session.is_closed());
         assert_eq!(drop_at(&mut h, ms(2_400)), vec![Ev::Close]);
         assert_closed(&mut h, secs(3));
@@ -2557,6 +2572,32 @@ mod tests {
         h.close(secs(1), CLOSE_REPLACED, "replaced");
         assert_eq!(h.close(secs(1), 1012, "restarting"), vec![Ev::Close]);
         assert_closed(&mut h, secs(2));
+    }
+
+    #[test]
+    fn a_replaced_agent_drains_while_its_data_keeps_coming() {
+        let mut h = Harness::agent(limits());
+        h.close(secs(1), CLOSE_REPLACED, "replaced");
+        // A backlog read slowly: each read pushes the end of the drain.
+        for at in [2_500, 4_000, 5_500] {
+            let evs = h.send(ms(at), &heartbeat());
+            assert!(matches!(&evs[..], [Ev::Relay { .. }]), "{at}: {evs:?}");
+        }
+        assert_eq!(h.next_timeout(), Some(ms(5_500) + REPLACED_DRAIN));
+        assert!(h.tick(ms(7_499)).is_empty());
+        assert_eq!(h.tick(ms(7_500)), vec![Ev::Close]);
+
+        // A peer that never stops is cut off REPLACED_DRAIN_MAX after the takeover.
+        let mut h = Harness::agent(limits());
+        h.close(secs(1), CLOSE_REPLACED, "replaced");
+        let end = secs(1) + REPLACED_DRAIN_MAX;
+        let mut at = secs(2);
+        while at < end {
+            assert!(matches!(&h.send(at, &heartbeat())[..], [Ev::Relay { .. }]));
+            at += secs(1);
+        }
+        assert_eq!(h.next_timeout(), Some(end));
+        assert_eq!(h.tick(end), vec![Ev::Close]);
     }
 
     #[test]
