@@ -16,16 +16,6 @@ both_backends!(
     a_ping_flood_before_auth_holds_no_memory,
 );
 
-/// A `VmHWM:`/`VmRSS:` figure of the gateway, in KiB.
-fn status_kib(gw: &Gateway, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", gw.pid()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{key} in /proc/PID/status"))
-}
-
 /// What a connection that sent nothing receives within `within` (`None`: it stays silent).
 async fn unprompted_answer(
     mut s: tokio::net::TcpStream,
@@ -139,7 +129,8 @@ const FLOOD_SLACK_KIB: u64 = 24 * 1024;
 
 async fn a_ping_flood_before_auth_holds_no_memory(io: &'static str) {
     let gw = Gateway::start(io, &["--auth-timeout", "120s"]).await;
-    let peak_before = status_kib(&gw, "VmHWM:");
+    gw.reset_peak_rss();
+    let before = gw.rss_kib();
     let flood = (0..FLOODERS).map(|_| async {
         // A small receive window: the pongs back up in the gateway, not in the test's kernel.
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -187,7 +178,7 @@ async fn a_ping_flood_before_auth_holds_no_memory(io: &'static str) {
         assert_eq!(last.as_deref(), Some(&b"last"[..]));
     }
     // Every ping was handled: the high-water mark holds the peak of the whole flood.
-    let grown = status_kib(&gw, "VmHWM:").saturating_sub(peak_before);
+    let grown = gw.peak_rss_kib().saturating_sub(before);
     assert!(
         grown < FLOOD_SLACK_KIB,
         "{io}: peak RSS grew by {grown} KiB during a ping flood of {FLOODERS} connections"

@@ -111,9 +111,28 @@ async fn drain_spreads_closes_and_refuses_new_connections() {
     let t0 = Instant::now();
     gw.signal(libc::SIGTERM);
     let mut at = Vec::new();
-    for c in &mut clients {
+    for (i, c) in clients.iter_mut().enumerate() {
         assert_eq!(c.expect_close_within(Duration::from_secs(5)).await, 1012);
         at.push(t0.elapsed());
+        if i > 0 {
+            continue;
+        }
+        // The drain is under way and five clients are still open: a new connection is
+        // not taken, whichever worker it meets. Its listener is closed (refused), or the
+        // upgrade is answered 503.
+        for _ in 0..4 {
+            match tokio::net::TcpStream::connect(gw.addr).await {
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+                Ok(mut s) => {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s
+                        .write_all(upgrade_request("/ws/client", &[]).as_bytes())
+                        .await;
+                    let status = read_response(&mut s, WAIT).await.map(|r| r.status);
+                    assert!(matches!(status, None | Some(503)), "{status:?}");
+                }
+            }
+        }
     }
     // Without agents, clients go in the second half of the drain, spread over it.
     let first = *at.iter().min().unwrap();

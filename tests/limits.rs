@@ -65,7 +65,9 @@ async fn over_max_connections_is_503(io: &'static str) {
 
 async fn over_max_connection_rate_is_503(io: &'static str) {
     let gw = Gateway::start(io, &["--max-connection-rate", "3"]).await;
-    let attempts: Vec<_> = (0..10)
+    // 30 at once: a rate of 3/s lets all of them in only if they spread over 9 s, which
+    // no load on the machine makes them do.
+    let attempts: Vec<_> = (0..30)
         .map(|_| {
             let addr = gw.addr;
             tokio::spawn(async move {
@@ -95,9 +97,9 @@ async fn over_max_connection_rate_is_503(io: &'static str) {
     }
     assert!(
         upgraded >= 3,
-        "the burst is the rate: {upgraded} of 10 upgraded"
+        "the burst is the rate: {upgraded} of 30 upgraded"
     );
-    assert!(refused >= 1, "all 10 upgraded at a rate of 3/s");
+    assert!(refused >= 1, "all 30 upgraded at a rate of 3/s");
     // The bucket refills.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     RawWs::connect(gw.addr, "/ws/client", &[]).await;
@@ -282,9 +284,7 @@ async fn slow_consumer_is_closed(io: &'static str) {
         read < 400,
         "all {read} messages were queued for a client that read nothing"
     );
-    if let Some(code) = code {
-        assert_eq!(code, 1013, "after {read} messages");
-    }
+    assert_eq!(code, Some(1013), "after {read} messages");
     // The agent, and a normal client, are unaffected.
     let mut user = gw.user("usr_fast", &["clu_sl"]).await;
     agent
