@@ -64,18 +64,19 @@ fn raise_nofile_limit() -> usize {
     lim.rlim_cur as usize
 }
 
-/// io_uring if asked for or available, epoll otherwise.
-fn choose_backend(mode: IoMode) -> anyhow::Result<Backend> {
+/// io_uring if asked for or available, epoll otherwise. The probe builds the ring the
+/// workers will build (`table`: their file-table size), before anything listens.
+fn choose_backend(mode: IoMode, table: u32) -> anyhow::Result<Backend> {
     match mode {
         IoMode::Epoll => Ok(Backend::Epoll),
         IoMode::Uring => {
-            uring::probe().context("io_uring was requested (--io uring) but cannot be set up")?;
+            uring::probe(table).context("io_uring was requested (--io uring)")?;
             Ok(Backend::Uring)
         }
-        IoMode::Auto => match uring::probe() {
+        IoMode::Auto => match uring::probe(table) {
             Ok(()) => Ok(Backend::Uring),
             Err(e) => {
-                tracing::warn!(error = %e, "io_uring cannot be set up here (kernel.io_uring_disabled or a seccomp filter?); falling back to epoll");
+                tracing::warn!(reason = %e, "io_uring cannot be used here; falling back to epoll");
                 Ok(Backend::Epoll)
             }
         },
@@ -307,12 +308,13 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     let nofile = raise_nofile_limit();
     let revocations = Arc::new(Revocations::default());
     let settings = settings(&config, &revocations)?;
-    let backend = choose_backend(config.io)?;
     let workers = config.workers.max(1);
     let per_worker = nofile.saturating_sub(FD_RESERVE).max(1);
+    let table = uring::file_table_size(per_worker, nofile);
+    let backend = choose_backend(config.io, table)?;
     let max_connections = config.max_connections.unwrap_or(match backend {
         // Direct descriptors: each ring's table may hold up to the open-files limit.
-        Backend::Uring => per_worker * workers,
+        Backend::Uring => table as usize * workers,
         Backend::Epoll => per_worker,
     });
 
@@ -378,12 +380,11 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
                     let now = metrics.since_epoch_ms(Instant::now());
                     metrics.worker(index as u16).last_turn_ms.set(now);
                 };
-                let max_direct = per_worker as u32;
                 let result = io::run(
                     backend,
                     listener,
                     notifier,
-                    max_direct,
+                    table,
                     &mut conns,
                     &mut worker,
                     running,

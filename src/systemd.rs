@@ -75,10 +75,10 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Listeners passed by socket activation.
 #[derive(Debug, Default)]
 pub struct Activated {
-    /// The WebSocket listener: the first socket not named `admin`.
+    /// The WebSocket listener: the one socket not named `admin`.
     pub websocket: Option<TcpListener>,
-    /// The admin listener: the socket named `admin` (`FileDescriptorName=admin`), or
-    /// without names the second socket.
+    /// The admin listener: only ever a socket named `admin` (`FileDescriptorName=admin`),
+    /// so that no extra `ListenStream=` line can put the admin API on a public address.
     pub admin: Option<TcpListener>,
 }
 
@@ -103,21 +103,41 @@ pub fn take_listeners() -> io::Result<Activated> {
     }
     let names: Vec<&str> = names.split(':').collect();
     let mut out = Activated::default();
-    let mut unnamed = Vec::new();
     for i in 0..count {
         let fd = LISTEN_FDS_START + i;
         let listener = listening_tcp(fd)?;
-        match names.get(i as usize).copied() {
-            Some("admin") => out.admin = Some(listener),
-            _ => unnamed.push(listener),
+        let admin = names.get(i as usize).copied() == Some("admin");
+        let slot = if admin {
+            &mut out.admin
+        } else {
+            &mut out.websocket
+        };
+        if slot.is_some() {
+            return Err(too_many(count, &names, admin));
         }
-    }
-    let mut unnamed = unnamed.into_iter();
-    out.websocket = unnamed.next();
-    if out.admin.is_none() {
-        out.admin = unnamed.next();
+        *slot = Some(listener);
     }
     Ok(out)
+}
+
+/// The refusal of a second WebSocket (or admin) socket: every worker accepts from one
+/// WebSocket listener, and guessing which extra socket is which could publish the admin API.
+fn too_many(count: i32, names: &[&str], admin: bool) -> io::Error {
+    let what = if admin {
+        "two sockets named `admin`"
+    } else {
+        "more than one WebSocket socket (any socket not named `admin`)"
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "systemd passed {count} sockets (LISTEN_FDNAMES={}) with {what}; arcgate takes one \
+             WebSocket listener and at most one admin listener: keep one ListenStream= in \
+             arcgate.socket, and give the admin API its own socket unit with \
+             FileDescriptorName=admin (or let it bind admin_listen)",
+            names.join(":")
+        ),
+    )
 }
 
 fn sockopt(fd: RawFd, name: i32) -> io::Result<i32> {

@@ -78,7 +78,13 @@ impl Wheel {
         (1..=BUCKETS as u64)
             .map(|d| self.current + d)
             .find(|t| !self.buckets[*t as usize % BUCKETS].is_empty())
-            .map(|t| self.start + TICK * t as u32)
+            .map(|t| self.start + Self::offset(t))
+    }
+
+    /// How far tick `t` lies from the start; in u64 nanoseconds, as `TICK * t as u32`
+    /// wrapped after ~497 days and then named a past deadline forever (a spinning loop).
+    fn offset(t: u64) -> Duration {
+        Duration::from_nanos(t.saturating_mul(TICK.as_nanos() as u64))
     }
 }
 
@@ -104,5 +110,23 @@ mod tests {
         w.expire(t0 + Duration::from_secs(101), &mut out);
         assert_eq!(out, vec![2]);
         assert!(w.next_deadline().is_none());
+    }
+
+    #[test]
+    fn deadlines_stay_in_the_future_after_years_of_uptime() {
+        let t0 = Instant::now();
+        let mut w = Wheel::new(t0);
+        // 600 days: past the 2^32 ticks (~497 days) a u32 multiplier wraps at.
+        let now = t0 + Duration::from_secs(600 * 86_400);
+        let mut out = Vec::new();
+        w.expire(now, &mut out);
+        w.insert(now + Duration::from_secs(5), 7);
+        let next = w.next_deadline().unwrap();
+        assert!(next > now, "deadline {:?} before now", next - t0);
+        assert!(next <= now + Duration::from_secs(6));
+        w.expire(now + Duration::from_secs(4), &mut out);
+        assert!(out.is_empty());
+        w.expire(next, &mut out);
+        assert_eq!(out, vec![7]);
     }
 }

@@ -250,9 +250,14 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
-    fn send(&mut self, id: ConnId, frame: Bytes) {
+    /// Queues and counts a frame; `latest`: in place of an unsent one (see `Output::Pong`).
+    fn send(&mut self, id: ConnId, frame: Bytes, latest: bool) {
         let len = frame.len() as u64;
-        if self.io.send(id, frame) {
+        let queued = match latest {
+            true => self.io.send_latest(id, frame),
+            false => self.io.send(id, frame),
+        };
+        if queued {
             self.m.messages_out.add(1);
             self.m.bytes_out.add(len);
         }
@@ -262,7 +267,7 @@ impl Out<'_> {
 impl Sink for Out<'_> {
     fn act(&mut self, action: Action<'_>) {
         match action {
-            Action::Send { conn, frame } => self.send(conn, frame),
+            Action::Send { conn, frame } => self.send(conn, frame, false),
             Action::Deliver { to, frame } => {
                 let mut queued = 0u64;
                 for &id in to {
@@ -378,7 +383,8 @@ impl Worker {
         };
         let panicked = {
             let mut out = |o: Output<'_>| match o {
-                Output::Send(bytes) => sink.send(id, bytes),
+                Output::Send(bytes) => sink.send(id, bytes, false),
+                Output::Pong(bytes) => sink.send(id, bytes, true),
                 Output::Close => {
                     sink.io.close(id, now);
                     closed = true;

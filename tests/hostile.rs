@@ -1,5 +1,5 @@
-//! Limits of the handshake phase against the real binary: the per-worker cap on connections
-//! still sending their request head, and the configurable head size.
+//! Limits before authentication against the real binary: the per-worker cap on connections
+//! still sending their request head, the configurable head size, and a ping flood.
 
 #[macro_use]
 mod common;
@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::future::join_all;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 both_backends!(
     silent_connections_over_the_handshake_cap_get_503_at_once,
     max_header_bytes_is_configurable,
+    a_ping_flood_before_auth_holds_no_memory,
 );
 
 /// What a connection that sent nothing receives within `within` (`None`: it stays silent).
@@ -117,4 +118,69 @@ async fn max_header_bytes_is_configurable(io: &'static str) {
     let r = read_response(&mut s, WAIT).await.expect("an answer");
     assert_eq!(r.status, 431, "{io}: {r:?}");
     assert!(start.elapsed() < Duration::from_secs(2), "{io}");
+}
+
+/// Connections flooding at once, and the empty pings each one sends (6 bytes each).
+const FLOODERS: usize = 4;
+const PINGS: usize = 400_000;
+/// How much the gateway's peak RSS may grow during the flood. Queued pongs at ~64 bytes
+/// each (what a 2-byte frame costs in its queue) would take ~100 MiB.
+const FLOOD_SLACK_KIB: u64 = 24 * 1024;
+
+async fn a_ping_flood_before_auth_holds_no_memory(io: &'static str) {
+    let gw = Gateway::start(io, &["--auth-timeout", "120s"]).await;
+    gw.reset_peak_rss();
+    let before = gw.rss_kib();
+    let flood = (0..FLOODERS).map(|_| async {
+        // A small receive window: the pongs back up in the gateway, not in the test's kernel.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(gw.addr).await.unwrap();
+        s.write_all(upgrade_request("/ws/agent", &[]).as_bytes())
+            .await
+            .unwrap();
+        let r = read_response(&mut s, WAIT)
+            .await
+            .expect("an upgrade answer");
+        assert_eq!(r.status, 101, "{io}: {r:?}");
+        let ping = encode_frame(true, 0, OP_PING, Some([1, 2, 3, 4]), b"");
+        let burst = ping.repeat(10_000);
+        for _ in 0..PINGS / 10_000 {
+            s.write_all(&burst).await.unwrap();
+        }
+        let last = encode_frame(true, 0, OP_PING, Some([1, 2, 3, 4]), b"last");
+        s.write_all(&last).await.unwrap();
+        (s, r.rest)
+    });
+    let conns = join_all(flood).await;
+    // Each connection is still open and its answers end with the pong to the latest ping.
+    for (mut s, mut buf) in conns {
+        let mut chunk = vec![0u8; 1 << 16];
+        let last = loop {
+            let mut at = 0;
+            let mut last = None;
+            while let Some((f, used)) = parse_server_frame(&buf[at..]) {
+                at += used;
+                assert_eq!(f.opcode, OP_PONG, "{io}: {f:?}");
+                last = Some(f.payload);
+            }
+            buf.drain(..at);
+            if last.as_deref() == Some(&b"last"[..]) {
+                break last;
+            }
+            let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("{io}: no pong to the last ping"))
+                .unwrap();
+            assert!(n > 0, "{io}: closed during the flood");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert_eq!(last.as_deref(), Some(&b"last"[..]));
+    }
+    // Every ping was handled: the high-water mark holds the peak of the whole flood.
+    let grown = gw.peak_rss_kib().saturating_sub(before);
+    assert!(
+        grown < FLOOD_SLACK_KIB,
+        "{io}: peak RSS grew by {grown} KiB during a ping flood of {FLOODERS} connections"
+    );
 }

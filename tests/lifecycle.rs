@@ -111,9 +111,28 @@ async fn drain_spreads_closes_and_refuses_new_connections() {
     let t0 = Instant::now();
     gw.signal(libc::SIGTERM);
     let mut at = Vec::new();
-    for c in &mut clients {
+    for (i, c) in clients.iter_mut().enumerate() {
         assert_eq!(c.expect_close_within(Duration::from_secs(5)).await, 1012);
         at.push(t0.elapsed());
+        if i > 0 {
+            continue;
+        }
+        // The drain is under way and five clients are still open: a new connection is
+        // not taken, whichever worker it meets. Its listener is closed (refused), or the
+        // upgrade is answered 503.
+        for _ in 0..4 {
+            match tokio::net::TcpStream::connect(gw.addr).await {
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+                Ok(mut s) => {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s
+                        .write_all(upgrade_request("/ws/client", &[]).as_bytes())
+                        .await;
+                    let status = read_response(&mut s, WAIT).await.map(|r| r.status);
+                    assert!(matches!(status, None | Some(503)), "{status:?}");
+                }
+            }
+        }
     }
     // Without agents, clients go in the second half of the drain, spread over it.
     let first = *at.iter().min().unwrap();
@@ -279,12 +298,23 @@ async fn sighup_reloads_keys_limits_and_log_level() {
 
 /// `arcgate serve` with `listener` passed as descriptor 3 the way systemd does it.
 fn activated_command(io: &str, listener: &StdListener, admin: std::net::SocketAddr) -> Command {
-    let fd = listener.as_raw_fd();
+    activated_with(io, &[listener], None, admin)
+}
+
+/// `arcgate serve` with `listeners` passed as descriptors 3, 4, … and `LISTEN_FDNAMES`
+/// set to `names` if given, the way systemd does it.
+fn activated_with(
+    io: &str,
+    listeners: &[&StdListener],
+    names: Option<&str>,
+    admin: std::net::SocketAddr,
+) -> Command {
+    let fds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
     let mut cmd = Command::new("sh");
     cmd.args([
         "-c",
         // LISTEN_PID must be the pid of the process that reads it: exec keeps the shell's.
-        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+        "LISTEN_PID=$$ exec \"$0\" \"$@\"",
         env!("CARGO_BIN_EXE_arcgate"),
         "serve",
         "--listen",
@@ -300,17 +330,59 @@ fn activated_command(io: &str, listener: &StdListener, admin: std::net::SocketAd
         "--drain-duration",
         "0s",
     ]);
-    // SAFETY: dup2 is async-signal-safe; the child gets the listener as descriptor 3
-    // (dup2 clears close-on-exec on the copy).
+    cmd.env("LISTEN_FDS", fds.len().to_string());
+    match names {
+        Some(names) => cmd.env("LISTEN_FDNAMES", names),
+        None => cmd.env_remove("LISTEN_FDNAMES"),
+    };
+    // SAFETY: fcntl and dup2 are async-signal-safe. Every listener is first copied above
+    // the target range, so that placing one cannot overwrite another; dup2 clears
+    // close-on-exec on the final copies.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
+            let mut high = [0; 8];
+            for (i, &fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &fd) in high[..fds.len()].iter().enumerate() {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     cmd
+}
+
+/// Runs `cmd` until it exits (at most `WAIT`); its status and output.
+fn run_to_exit(mut cmd: Command) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn arcgate");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {WAIT:?}; its output:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status, text)
 }
 
 fn free_addr() -> std::net::SocketAddr {
@@ -356,6 +428,112 @@ async fn socket_activation(io: &'static str) {
         .expect("answer to the queued request");
     assert_eq!(r.status, 101);
     drop(gw);
+}
+
+/// Makes `cmd`'s process see the kernel of Ubuntu 22.04 (5.15) as far as io_uring goes:
+/// registering a provided-buffer ring (Linux 5.19) fails with EINVAL. A seccomp filter,
+/// installed in the child before exec and inherited by every thread.
+fn without_buffer_rings(cmd: &mut Command) {
+    const IORING_REGISTER_PBUF_RING: u32 = 22;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt: 0,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    // seccomp_data: the syscall number at 0, args[1] (its low half here) at 24.
+    let filter = [
+        stmt(load, 0),
+        jeq(libc::SYS_io_uring_register as u32, 3),
+        stmt(load, 24),
+        jeq(IORING_REGISTER_PBUF_RING, 1),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EINVAL as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: prctl is async-signal-safe; the program outlives the call that copies it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[tokio::test]
+async fn io_auto_falls_back_to_epoll_where_the_ring_cannot_be_built() {
+    let (mut cmd, addr, admin) = Gateway::command("auto");
+    cmd.args(["--jwt-secret", SECRET]);
+    without_buffer_rings(&mut cmd);
+    let gw = Gateway::spawn("epoll", cmd, addr, admin).await;
+    let log = gw.log();
+    assert!(log.contains("falling back to epoll"), "{log}");
+    assert!(
+        log.contains("provided-buffer ring") && log.contains("EINVAL"),
+        "{log}"
+    );
+    assert!(log.contains(r#"backend="epoll""#), "{log}");
+    gw.agent("mch_1", "clu_a").await.assert_open().await;
+
+    // Asked for io_uring, it says why it cannot and what to do, before it listens.
+    let (mut cmd, _, _) = Gateway::command("uring");
+    cmd.args(["--jwt-secret", SECRET]);
+    without_buffer_rings(&mut cmd);
+    let (status, log) = run_to_exit(cmd);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("io_uring setup failed: the provided-buffer ring needs Linux 5.19+")
+            && log.contains("run with --io epoll"),
+        "{log}"
+    );
+    assert!(!log.contains("is listening"), "{log}");
+}
+
+#[tokio::test]
+async fn only_a_socket_named_admin_becomes_the_admin_listener() {
+    // A second ListenStream= line in arcgate.socket (both named after the unit), and two
+    // sockets without names: neither may end up serving the admin API.
+    let ws = StdListener::bind("127.0.0.1:0").unwrap();
+    let extra = StdListener::bind("127.0.0.1:0").unwrap();
+    for names in [Some("arcgate:arcgate"), None] {
+        let cmd = activated_with("epoll", &[&ws, &extra], names, free_addr());
+        let (status, log) = run_to_exit(cmd);
+        assert!(!status.success(), "{names:?}: {log}");
+        assert!(
+            log.contains("more than one WebSocket socket")
+                && log.contains("FileDescriptorName=admin"),
+            "{names:?}: {log}"
+        );
+        assert!(!log.contains("is listening"), "{names:?}: {log}");
+    }
+
+    // The socket named admin serves the admin API wherever it comes in the list, and the
+    // other one is the WebSocket listener.
+    let admin = StdListener::bind("127.0.0.1:0").unwrap();
+    let (ws_addr, admin_addr) = (ws.local_addr().unwrap(), admin.local_addr().unwrap());
+    let cmd = activated_with("epoll", &[&admin, &ws], Some("admin:arcgate"), free_addr());
+    let gw = Gateway::spawn("epoll", cmd, ws_addr, admin_addr).await;
+    assert_eq!(gw.admin_get("/metrics").await.status, 200);
+    gw.agent("mch_1", "clu_a").await.assert_open().await;
+    let r = http(ws_addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_ne!(r.map(|r| r.status), Some(200));
 }
 
 #[tokio::test]

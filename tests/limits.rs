@@ -66,7 +66,9 @@ async fn over_max_connections_is_503(io: &'static str) {
 
 async fn over_max_connection_rate_is_503(io: &'static str) {
     let gw = Gateway::start(io, &["--max-connection-rate", "3"]).await;
-    let attempts: Vec<_> = (0..10)
+    // 30 at once: a rate of 3/s lets all of them in only if they spread over 9 s, which
+    // no load on the machine makes them do.
+    let attempts: Vec<_> = (0..30)
         .map(|_| {
             let addr = gw.addr;
             tokio::spawn(async move {
@@ -96,9 +98,9 @@ async fn over_max_connection_rate_is_503(io: &'static str) {
     }
     assert!(
         upgraded >= 3,
-        "the burst is the rate: {upgraded} of 10 upgraded"
+        "the burst is the rate: {upgraded} of 30 upgraded"
     );
-    assert!(refused >= 1, "all 10 upgraded at a rate of 3/s");
+    assert!(refused >= 1, "all 30 upgraded at a rate of 3/s");
     // The bucket refills.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     RawWs::connect(gw.addr, "/ws/client", &[]).await;
@@ -242,8 +244,8 @@ async fn sustained_flood_closes_4008(io: &'static str) {
     };
     let took = start.elapsed();
     assert_eq!(code, Some(4008));
-    // Three one-second windows with drops: the first one may be partly over the limit.
-    assert!(took >= Duration::from_millis(1800), "closed after {took:?}");
+    // Three seconds of drops counted from the first drop, which came after `start`.
+    assert!(took >= Duration::from_secs(3), "closed after {took:?}");
     assert!(errors >= 1, "closed without a RATE_LIMIT error");
     assert!(
         errors <= took.as_secs() + 1,
@@ -283,9 +285,7 @@ async fn slow_consumer_is_closed(io: &'static str) {
         read < 400,
         "all {read} messages were queued for a client that read nothing"
     );
-    if let Some(code) = code {
-        assert_eq!(code, 1013, "after {read} messages");
-    }
+    assert_eq!(code, Some(1013), "after {read} messages");
     // The agent, and a normal client, are unaffected.
     let mut user = gw.user("usr_fast", &["clu_sl"]).await;
     agent

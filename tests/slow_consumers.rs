@@ -85,10 +85,10 @@ async fn one_slow_dashboard_among_100(io: &'static str) {
         .map(|(i, ws)| tokio::spawn(read_all(ws, i + 1)))
         .collect();
 
+    gw.reset_peak_rss();
     let baseline = gw.rss_kib();
     let (pad, heavy_pad) = ("p".repeat(400), "h".repeat(HEAVY_PAD));
     let fan_out = async {
-        let mut peak = baseline;
         let start = Instant::now();
         let mut heavy_seq = 0;
         for seq in 0..EVENTS {
@@ -98,12 +98,11 @@ async fn one_slow_dashboard_among_100(io: &'static str) {
                 heavy_seq += 1;
             }
             if seq % BATCH == BATCH - 1 {
-                peak = peak.max(gw.rss_kib());
                 let due = start + Duration::from_millis(BATCH_MS * (seq + 1) / BATCH);
                 tokio::time::sleep_until(due.into()).await;
             }
         }
-        (peak, start.elapsed())
+        start.elapsed()
     };
     // The slow dashboard reads again as soon as the gateway gave up on it (it waits 2 s
     // for the peer to read its close frame): an unbroken prefix, then 1013.
@@ -111,13 +110,14 @@ async fn one_slow_dashboard_among_100(io: &'static str) {
         wait_for_log(&gw, SLOW_LOG, Duration::from_secs(10)).await;
         slow.messages_until_close(Duration::from_secs(10)).await
     };
-    let ((mut peak, sent_in), (code, seen)) = tokio::join!(fan_out, slow_reads);
+    let (sent_in, (code, seen)) = tokio::join!(fan_out, slow_reads);
     for (i, r) in join_all(readers).await.into_iter().enumerate() {
         if let Err(e) = r {
             panic!("{io}: dashboard {} failed: {e}", i + 1);
         }
     }
-    peak = peak.max(gw.rss_kib());
+    // The high-water mark since the baseline: the true peak, not samples of it.
+    let peak = gw.peak_rss_kib();
 
     assert_eq!(code, 1013, "{io}");
     // Per agent, an unbroken prefix.

@@ -108,7 +108,7 @@ fn check(seen: &mut Seen, o: Output<'_>) {
             assert!(bytes.starts_with(b"HTTP/1.1 "), "{bytes:?}");
             seen.upgraded = bytes.starts_with(b"HTTP/1.1 101 ");
         }
-        Output::Send(bytes) => {
+        Output::Send(bytes) | Output::Pong(bytes) => {
             // Exactly one complete, valid server frame; text is a JSON object with an event.
             let mut d = Decoder::new_client(usize::MAX >> 1);
             let mut copy = bytes.to_vec();

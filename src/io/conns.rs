@@ -22,6 +22,11 @@ pub(crate) enum State {
     Teardown,
 }
 
+/// What a queued frame costs beyond its bytes (its `Bytes` handle, the queue slot and
+/// the allocation behind it), counted against `max_outbound_bytes` so that a flood of
+/// tiny frames cannot hold many times the bound.
+pub const FRAME_OVERHEAD: usize = 64;
+
 /// Frames waiting to be written to one connection. Holds no heap memory while empty.
 #[derive(Debug, Default)]
 pub(crate) struct OutQueue {
@@ -32,12 +37,40 @@ pub(crate) struct OutQueue {
     pub bytes: usize,
     /// Frames covered by the last `iovecs` call: a send in flight points into them.
     pinned: usize,
+    /// Frames popped from the front so far, so that `latest` can name a frame by position.
+    popped: u64,
+    /// The replaceable frame still unsent (`send_latest`), by its number since the start.
+    latest: Option<u64>,
 }
 
 impl OutQueue {
     fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);
+    }
+
+    /// Pushes `frame` in place of the previous replaceable frame if that one has not
+    /// started to go out (`sending`: a send in flight points into the pinned frames).
+    fn push_latest(&mut self, frame: Bytes, sending: bool) {
+        let untouched = if sending {
+            self.pinned
+        } else {
+            usize::from(self.offset > 0)
+        };
+        let at = self.latest.map(|n| n.wrapping_sub(self.popped) as usize);
+        if let Some(old) = at.filter(|&i| i >= untouched && i < self.frames.len()) {
+            self.bytes = self.bytes - self.frames[old].len() + frame.len();
+            self.frames[old] = frame;
+            return;
+        }
+        self.latest = Some(self.popped + self.frames.len() as u64);
+        self.push(frame);
+    }
+
+    /// Bytes counted against the outbound bound: the unwritten bytes plus each frame's
+    /// overhead.
+    fn cost(&self) -> usize {
+        self.bytes + self.frames.len() * FRAME_OVERHEAD
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,6 +101,7 @@ impl OutQueue {
             n -= first;
             self.offset = 0;
             self.frames.pop_front();
+            self.popped += 1;
         }
         if self.frames.is_empty() {
             // Give the memory back: an idle connection holds no queue.
@@ -91,6 +125,9 @@ impl OutQueue {
         let keep = keep.min(self.frames.len());
         let dropped: usize = self.frames.drain(keep..).map(|f| f.len()).sum();
         self.bytes -= dropped;
+        self.latest = self
+            .latest
+            .filter(|n| n.wrapping_sub(self.popped) < keep as u64);
         if self.frames.is_empty() {
             self.clear();
         }
@@ -151,12 +188,26 @@ impl Conns {
     /// nothing was queued. A queue that passes the cap puts the connection on the
     /// overflow list (`pop_overflowed`).
     pub fn send(&mut self, id: ConnId, frame: Bytes) -> bool {
+        self.queue(id, frame, false)
+    }
+
+    /// Queues a frame that supersedes the previous one queued this way, if that one is
+    /// still unsent (a pong answering the latest of many pings).
+    pub fn send_latest(&mut self, id: ConnId, frame: Bytes) -> bool {
+        self.queue(id, frame, true)
+    }
+
+    fn queue(&mut self, id: ConnId, frame: Bytes, latest: bool) -> bool {
         let max = self.max_outbound;
         let Some(slot) = self.open_slot(id) else {
             return false;
         };
-        slot.out.push(frame);
-        let over = slot.out.bytes > max && !slot.overflowed;
+        if latest {
+            slot.out.push_latest(frame, slot.sending);
+        } else {
+            slot.out.push(frame);
+        }
+        let over = slot.out.cost() > max && !slot.overflowed;
         if over {
             slot.overflowed = true;
         }
@@ -433,7 +484,7 @@ mod tests {
 
     #[test]
     fn stale_ids_are_rejected_after_reuse() {
-        let mut c = Conns::new(10);
+        let mut c = Conns::new(100);
         let a = c.insert(7);
         c.remove(a);
         let b = c.insert(8);
@@ -441,26 +492,69 @@ mod tests {
         assert!(!c.send(a, Bytes::from_static(b"x")));
         assert!(c.send(b, Bytes::from_static(b"x")));
         assert_eq!(c.pop_overflowed(), None);
+        // 2 bytes, but two frames: over 100 with their overhead.
+        assert!(c.send(b, Bytes::from_static(b"y")));
+        assert_eq!(c.pop_overflowed(), Some(b));
     }
 
     #[test]
     fn a_connection_passing_the_cap_is_listed_once() {
-        let mut c = Conns::new(10);
+        let mut c = Conns::new(200);
         let (a, b) = (c.insert(7), c.insert(8));
-        assert!(c.send(a, Bytes::from_static(&[0; 10])));
+        assert!(c.send(a, Bytes::from_static(&[0; 100])));
         assert_eq!(c.pop_overflowed(), None);
         for _ in 0..3 {
             assert!(c.send(a, Bytes::from_static(b"x")));
         }
-        assert!(c.send(b, Bytes::from_static(&[0; 11])));
+        assert!(c.send(b, Bytes::from_static(&[0; 137])));
         assert_eq!(c.pop_overflowed(), Some(b));
         assert_eq!(c.pop_overflowed(), Some(a));
         assert_eq!(c.pop_overflowed(), None);
         // The slot's next connection starts with a clean record.
         c.remove(a);
         let a2 = c.insert(9);
-        assert!(c.send(a2, Bytes::from_static(&[0; 11])));
+        assert!(c.send(a2, Bytes::from_static(&[0; 137])));
         assert_eq!(c.pop_overflowed(), Some(a2));
+    }
+
+    #[test]
+    fn one_unsent_pong_at_most() {
+        let mut c = Conns::new(1 << 20);
+        let a = c.insert(7);
+        c.send(a, Bytes::from_static(b"event"));
+        for _ in 0..10_000 {
+            assert!(c.send_latest(a, Bytes::from_static(b"pong1")));
+        }
+        c.send(a, Bytes::from_static(b"event"));
+        assert!(c.send_latest(a, Bytes::from_static(b"pong2")));
+        let q = &c.get(a).unwrap().out;
+        // The newest payload took the place of the older pong.
+        assert_eq!(q.frames, [&b"event"[..], b"pong2", b"event"]);
+        assert_eq!(q.bytes, 15);
+    }
+
+    #[test]
+    fn a_pong_that_started_to_go_out_is_not_replaced() {
+        let mut q = OutQueue::default();
+        q.push_latest(Bytes::from_static(b"p1"), false);
+        let mut v = Vec::new();
+        q.iovecs(&mut v, 8);
+        // In flight: a new pong queues behind it.
+        q.push_latest(Bytes::from_static(b"p2"), true);
+        q.push_latest(Bytes::from_static(b"p3"), true);
+        assert_eq!(q.frames, [&b"p1"[..], b"p3"]);
+        // Partly written: the same.
+        q.advance(1);
+        q.push_latest(Bytes::from_static(b"p4"), false);
+        assert_eq!(q.frames, [&b"p1"[..], b"p4"]);
+        // Written: the next pong is queued anew, and replaces only itself.
+        q.advance(3);
+        q.push_latest(Bytes::from_static(b"p5"), false);
+        q.push_latest(Bytes::from_static(b"p6"), false);
+        assert_eq!(q.frames, [&b"p6"[..]]);
+        q.discard_unsent(false);
+        q.push_latest(Bytes::from_static(b"p7"), false);
+        assert_eq!((q.frames.len(), q.bytes), (1, 2));
     }
 
     #[test]

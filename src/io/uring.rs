@@ -45,20 +45,77 @@ fn untag(data: u64) -> (u8, u32, u32) {
     )
 }
 
-/// Whether io_uring with everything this loop needs can be set up here.
-pub fn probe() -> io::Result<()> {
-    let ring = IoUring::new(8)?;
+/// The most entries one registered file table may have (the kernel's
+/// `IORING_MAX_FIXED_FILES`); a larger request fails with EINVAL.
+const MAX_FILE_TABLE: usize = 1 << 20;
+const RING_ENTRIES: u32 = 4096;
+
+/// The direct-descriptor table for `want` connections: at most what one table may hold
+/// and what the open-files limit allows (the kernel refuses more with EMFILE).
+pub fn file_table_size(want: usize, nofile: usize) -> u32 {
+    want.min(MAX_FILE_TABLE).min(nofile).max(1) as u32
+}
+
+/// Names a failed setup step, its errno and what to do, for the operator's log.
+fn step_failed<'a>(what: &'a str, needs: &'a str) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EINVAL) => "EINVAL".to_string(),
+            Some(libc::ENOSYS) => "ENOSYS: no io_uring in this kernel, or a seccomp filter".into(),
+            Some(libc::EPERM) => "EPERM: kernel.io_uring_disabled, or a seccomp filter".into(),
+            Some(libc::EMFILE) => "EMFILE: over the open-files limit".into(),
+            _ => e.to_string(),
+        };
+        let msg = format!(
+            "io_uring setup failed: {what} {needs} ({why}); run with --io epoll or upgrade the kernel"
+        );
+        io::Error::new(e.kind(), msg)
+    }
+}
+
+/// Builds the ring exactly as the loop uses it: its flags, a sparse direct-descriptor
+/// table of `table` entries and the provided-buffer ring.
+fn setup(table: u32) -> io::Result<(IoUring, BufRing)> {
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_cqsize(16384)
+        .build(RING_ENTRIES)
+        .map_err(step_failed(
+            "ring flags SINGLE_ISSUER|COOP_TASKRUN",
+            "need Linux 6.0+",
+        ))?;
+    ring.submitter()
+        .register_files_sparse(table)
+        .map_err(step_failed(
+            &format!("a sparse file table of {table} entries"),
+            "needs Linux 5.19+",
+        ))?;
+    let bufs = BufRing::new(&ring)
+        .map_err(step_failed("the provided-buffer ring", "needs Linux 5.19+"))?;
+    Ok((ring, bufs))
+}
+
+/// Whether this loop can run here: builds (and tears down) the very ring `UringLoop::new`
+/// builds, so that `--io auto` falls back before anything listens instead of failing in
+/// the workers. The ring's flags need 6.0, which has multishot accept (5.19) and
+/// multishot recv (6.0); the opcodes are checked too, for kernels that disable some.
+pub fn probe(table: u32) -> io::Result<()> {
+    let (ring, _bufs) = setup(table)?;
     let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    for code in [
-        opcode::AcceptMulti::CODE,
-        opcode::RecvMulti::CODE,
-        opcode::SendMsg::CODE,
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(step_failed("the opcode probe", "needs Linux 5.6+"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::PollAdd::CODE, "poll_add"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "io_uring lacks an opcode",
+                format!("io_uring setup failed: the kernel does not offer the {name} opcode; run with --io epoll"),
             ));
         }
     }
@@ -202,19 +259,14 @@ pub struct UringLoop {
 }
 
 impl UringLoop {
-    /// A ring for `listener` whose direct-descriptor table holds `max_conns` sockets.
+    /// A ring for `listener` whose direct-descriptor table holds `table` sockets
+    /// (see `file_table_size`).
     pub fn new(
         listener: TcpListener,
         notifier: std::sync::Arc<Notifier>,
-        max_conns: u32,
+        table: u32,
     ) -> io::Result<UringLoop> {
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_cqsize(16384)
-            .build(4096)?;
-        ring.submitter().register_files_sparse(max_conns)?;
-        let bufs = BufRing::new(&ring)?;
+        let (ring, bufs) = setup(table)?;
         let bundle = ring.params().is_feature_recvsend_bundle();
         Ok(UringLoop {
             ring,
@@ -546,5 +598,19 @@ impl UringLoop {
         }
         dirty.clear();
         self.dirty = dirty;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_table_fits_the_kernel_and_the_open_files_limit() {
+        // LimitNOFILE=infinity: far more than one table may hold.
+        assert_eq!(file_table_size(usize::MAX - 128, usize::MAX), 1 << 20);
+        assert_eq!(file_table_size(5_000, 1_000), 1_000);
+        assert_eq!(file_table_size(900, 1_024), 900);
+        assert_eq!(file_table_size(0, 1_024), 1);
     }
 }

@@ -316,6 +316,12 @@ impl Decoder {
         Ok(())
     }
 
+    /// Changes the largest message accepted from now on (the pre-authentication cap is
+    /// lifted once the connection authenticated).
+    pub fn set_max_message_size(&mut self, max_message_size: usize) {
+        self.max_message_size = max_message_size;
+    }
+
     /// Heap bytes this decoder holds right now (0 when nothing is pending).
     pub fn buffered(&self) -> usize {
         self.tail.capacity() + self.frag.capacity()

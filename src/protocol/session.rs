@@ -23,9 +23,13 @@ pub const CLOSE_AUTH_TIMEOUT: u16 = 4002;
 pub const CLOSE_RATE_LIMIT: u16 = 4008;
 pub const CLOSE_REPLACED: u16 = 4009;
 
-/// How long a replaced agent connection keeps relaying what it had already sent, waiting
-/// for its close: events sent before a reconnection are not lost to the takeover.
+/// How long a replaced agent connection may go without data before its drain ends: it
+/// keeps relaying what it had already sent, waiting for its close, so that events sent
+/// before a reconnection are not lost to the takeover. An idle bound rather than a total
+/// one, so that a gateway slow to read a long backlog (a busy host) still reads it all.
 pub const REPLACED_DRAIN: Duration = Duration::from_secs(2);
+/// The drain ends this long after the takeover at the latest, however the peer sends.
+pub const REPLACED_DRAIN_MAX: Duration = Duration::from_secs(30);
 
 /// Everything a session needs to know about the gateway's configuration.
 #[derive(Debug, Clone)]
@@ -87,6 +91,9 @@ pub struct Ctx<'a> {
 pub enum Output<'a> {
     /// Queue these bytes (an HTTP response or a WebSocket frame) on this connection.
     Send(Bytes),
+    /// Queue this pong frame in place of a pong still unsent: RFC 6455 5.5.3 lets a
+    /// flood of pings be answered by the latest one only, so they cannot grow the queue.
+    Pong(Bytes),
     /// Flush what is queued, then close the connection. Nothing follows.
     Close,
     /// The connection authenticated for the first time: register and announce it.
@@ -120,6 +127,10 @@ pub enum Output<'a> {
 /// A deadline that is not armed. Deadlines are milliseconds since the session's epoch.
 const NEVER: u64 = u64::MAX;
 
+/// The largest message (fragments included) before authentication: an `auth` message
+/// with its token fits many times over, and an unauthenticated peer holds no more.
+pub const PRE_AUTH_MAX_MESSAGE: usize = 16 << 10;
+
 /// Which endpoint the connection was upgraded on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -149,10 +160,26 @@ struct Bucket {
     refilled_ms: u64,
     /// When the last `RATE_LIMIT` error went out (`NEVER`: not yet).
     error_ms: u64,
-    /// The last one-second window (ms / 1000 since the epoch) with a dropped message.
-    drop_window: u64,
-    /// How many consecutive windows up to `drop_window` dropped messages.
-    drop_run: u32,
+    /// When the current run of drops began (`NEVER`: no run). Its seconds are counted
+    /// from here, not from accept, so a close never comes early (PROTOCOL.md section 7).
+    run_start_ms: u64,
+    /// The last second of the run (0-based, from `run_start_ms`) that dropped a message.
+    run_second: u64,
+}
+
+impl Bucket {
+    /// Counts a dropped message into the run; returns how long the run has lasted (ms).
+    fn record_drop(&mut self, now: u64) -> u64 {
+        let second = now.saturating_sub(self.run_start_ms) / 1000;
+        // A whole second of the run without a drop ends it; this drop starts a new one.
+        if self.run_start_ms == NEVER || now < self.run_start_ms || second > self.run_second + 1 {
+            self.run_start_ms = now;
+            self.run_second = 0;
+        } else {
+            self.run_second = second;
+        }
+        now - self.run_start_ms
+    }
 }
 
 /// One connection's protocol state.
@@ -181,6 +208,8 @@ struct Core {
     /// A newer connection of this machine took over: `4009` was sent, and what the agent
     /// had sent before it is still relayed until its close (or `REPLACED_DRAIN`).
     replaced: bool,
+    /// When a replaced connection's drain ends at the latest (`REPLACED_DRAIN_MAX`).
+    drain_end: u64,
 }
 
 impl Session {
@@ -202,17 +231,18 @@ impl Session {
             expire_at: NEVER,
             upgraded_once: false,
             replaced: false,
+            drain_end: NEVER,
             bucket: Bucket {
                 milli_tokens: u64::from(limits.rate_burst) * 1000,
                 refilled_ms: 0,
                 error_ms: NEVER,
-                drop_window: 0,
-                drop_run: 0,
+                run_start_ms: NEVER,
+                run_second: 0,
             },
         };
         core.phase_deadline = core.deadline(now, limits.handshake_timeout);
         Session {
-            decoder: Decoder::new(limits.max_message_size),
+            decoder: Decoder::new(limits.max_message_size.min(PRE_AUTH_MAX_MESSAGE)),
             core,
         }
     }
@@ -274,6 +304,7 @@ impl Session {
                     c.warn_at,
                     c.expire_at,
                 ] = [NEVER; 5];
+                c.drain_end = c.deadline(ctx.now, REPLACED_DRAIN_MAX);
                 c.phase_deadline = c.deadline(ctx.now, REPLACED_DRAIN);
             }
             Phase::Handshake { .. } => {
@@ -418,6 +449,11 @@ impl Session {
         }
         // Any byte from the peer answers our ping, even the middle of a long frame.
         self.core.pong_deadline = NEVER;
+        if self.core.replaced {
+            // Data still comes: the drain goes on (see `REPLACED_DRAIN`).
+            let c = &mut self.core;
+            c.phase_deadline = c.deadline(ctx.now, REPLACED_DRAIN).min(c.drain_end);
+        }
         let core = &mut self.core;
         let result = self
             .decoder
@@ -426,6 +462,10 @@ impl Session {
             if !core.is_closed() {
                 core.close_with(ctx, reason.code(), close_text(reason), out);
             }
+        }
+        if matches!(core.phase, Phase::Open(_)) {
+            self.decoder
+                .set_max_message_size(ctx.limits.max_message_size);
         }
     }
 }
@@ -615,7 +655,7 @@ impl Core {
             _ if self.replaced => self.on_replaced_message(ctx, msg, out),
             Message::Ping(payload) => {
                 ctx.observer.ping();
-                out(Output::Send(codec::frame(codec::OP_PONG, payload)))
+                out(Output::Pong(codec::frame(codec::OP_PONG, payload)))
             }
             Message::Pong(_) => {}
             Message::Close(code, _) => self.close_with(ctx, code.unwrap_or(CLOSE_NORMAL), "", out),
@@ -727,14 +767,7 @@ impl Core {
             b.milli_tokens -= 1000;
             return true;
         }
-        let window = now / 1000;
-        b.drop_run = match b.drop_run {
-            0 => 1,
-            run if window == b.drop_window => run,
-            run if window == b.drop_window + 1 => run.saturating_add(1),
-            _ => 1,
-        };
-        b.drop_window = window;
+        let run_lasted = b.record_drop(now);
         ctx.observer.rate_limited();
         if b.error_ms == NEVER || now >= b.error_ms.saturating_add(1000) {
             b.error_ms = now;
@@ -745,7 +778,7 @@ impl Core {
             send_error(ctx, ErrorCode::RateLimit, &msg, None, out);
         }
         let close_after = limits.rate_limit_close_after;
-        if close_after > 0 && b.drop_run >= close_after {
+        if close_after > 0 && run_lasted >= u64::from(close_after) * 1000 {
             self.close_with(ctx, CLOSE_RATE_LIMIT, "rate limit exceeded", out);
         }
         false
@@ -1085,7 +1118,7 @@ mod tests {
                 let status = text[9..12].parse().unwrap();
                 Ev::Http(status, text)
             }
-            Output::Send(bytes) => server_frame(&bytes),
+            Output::Send(bytes) | Output::Pong(bytes) => server_frame(&bytes),
             Output::Close => Ev::Close,
             Output::Online { identity, version } => {
                 Ev::Online(identity.sub.to_string(), version.to_string())
@@ -1771,6 +1804,24 @@ mod tests {
     }
 
     #[test]
+    fn before_auth_a_message_is_capped_fragments_included() {
+        let half = vec![b'x'; PRE_AUTH_MAX_MESSAGE / 2 + 1];
+        let mut h = Harness::upgraded(limits(), AGENT_PATH);
+        assert!(h
+            .feed(ms(1), &client_frame(false, codec::OP_TEXT, &half))
+            .is_empty());
+        let evs = h.feed(ms(2), &client_frame(true, codec::OP_CONTINUATION, &half));
+        assert!(
+            matches!(&evs[..], [Ev::CloseFrame(1009, _), Ev::Close]),
+            "{evs:?}"
+        );
+        // Authenticated, the connection gets the whole max_message_size.
+        let mut h = Harness::agent(limits());
+        let big = json!({"event": "heartbeat", "data": {"pad": "x".repeat(PRE_AUTH_MAX_MESSAGE)}});
+        assert!(matches!(&h.send(ms(3), &big)[..], [Ev::Relay { .. }]));
+    }
+
+    #[test]
     fn peer_close_is_echoed() {
         let mut h = Harness::agent(limits());
         let mut payload = 1001u16.to_be_bytes().to_vec();
@@ -2176,39 +2227,41 @@ mod tests {
         assert_error(&h.send(ms(3), &heartbeat()), "RATE_LIMIT", None);
     }
 
-    #[test]
-    fn rate_limit_closes_after_consecutive_seconds() {
-        let mut h = Harness::agent(rate_limits(1, 1, 3));
-        // Second 0: the burst went to auth; drop.
-        assert_error(&h.send(ms(500), &heartbeat()), "RATE_LIMIT", None);
-        // Second 1: one passes, the next drops (run 2).
-        assert!(matches!(
-            &h.send(ms(1_100), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        assert_error(&h.send(ms(1_600), &heartbeat()), "RATE_LIMIT", None);
-        // Second 2: run 3 → close 4008.
-        assert!(matches!(
-            &h.send(ms(2_700), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        // The error is due again (more than a second since the last one), then 4008.
-        let evs = h.send(ms(2_800), &heartbeat());
-        assert_fatal(&evs, "RATE_LIMIT", 4008, None);
-        assert_closed(&mut h, secs(3));
+    /// Sends heartbeats at `at` until one is dropped; what that drop answered.
+    fn drop_at(h: &mut Harness, at: Duration) -> Vec<Ev> {
+        loop {
+            let evs = h.send(at, &heartbeat());
+            if !matches!(&evs[..], [Ev::Relay { .. }]) {
+                return evs;
+            }
+        }
     }
 
     #[test]
-    fn rate_limit_close_without_a_due_error() {
-        let mut h = Harness::agent(rate_limits(1, 1, 2));
-        // Second 0 drops at 900 ms (error); second 1 drops at 1 500 ms, within a second of
-        // the last error: only the close frame.
-        assert_error(&h.send(ms(900), &heartbeat()), "RATE_LIMIT", None);
-        assert!(matches!(
-            &h.send(ms(1_100), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        let evs = h.send(ms(1_500), &heartbeat());
+    fn rate_limit_closes_after_consecutive_seconds() {
+        let mut h = Harness::agent(rate_limits(1, 1, 3));
+        // The run starts at the first drop (500 ms) and drops in each of its seconds.
+        assert_error(&drop_at(&mut h, ms(500)), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(1_600)), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(2_700)), "RATE_LIMIT", None);
+        assert!(drop_at(&mut h, ms(3_499)).is_empty());
+        assert!(!h.session.is_closed());
+        // Three seconds of run: the next drop closes, after the (due) error.
+        let evs = drop_at(&mut h, ms(3_800));
+        assert_fatal(&evs, "RATE_LIMIT", 4008, None);
+        assert_closed(&mut h, secs(4));
+    }
+
+    #[test]
+    fn a_first_drop_late_in_a_second_does_not_shorten_the_run() {
+        // Seconds counted from accept would close at 2 100 ms, barely 1.2 s into the run.
+        let mut h = Harness::agent(rate_limits(1, 1, 3));
+        assert_error(&drop_at(&mut h, ms(900)), "RATE_LIMIT", None);
+        for t in [1_050, 1_800, 2_100, 2_700, 3_600, 3_899] {
+            drop_at(&mut h, ms(t));
+            assert!(!h.session.is_closed(), "closed at {t} ms");
+        }
+        let evs = drop_at(&mut h, ms(3_900));
         assert!(
             matches!(&evs[..], [Ev::CloseFrame(4008, _), Ev::Close]),
             "{evs:?}"
@@ -2216,27 +2269,34 @@ mod tests {
     }
 
     #[test]
-    fn a_second_without_drops_resets_the_count() {
+    fn rate_limit_close_without_a_due_error() {
         let mut h = Harness::agent(rate_limits(1, 1, 2));
-        assert_error(&h.send(ms(500), &heartbeat()), "RATE_LIMIT", None);
-        // Second 1: no drop.
+        // Errors at 900 and 2 000 ms; the close at 2 900 ms comes within a second of the
+        // last error: only the close frame.
+        assert_error(&drop_at(&mut h, ms(900)), "RATE_LIMIT", None);
+        assert!(drop_at(&mut h, ms(1_500)).is_empty());
+        assert_error(&drop_at(&mut h, ms(2_000)), "RATE_LIMIT", None);
+        let evs = drop_at(&mut h, ms(2_900));
+        assert!(
+            matches!(&evs[..], [Ev::CloseFrame(4008, _), Ev::Close]),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn a_second_without_drops_ends_the_run() {
+        let mut h = Harness::agent(rate_limits(1, 1, 2));
+        assert_error(&drop_at(&mut h, ms(500)), "RATE_LIMIT", None);
+        // Run second 1 (1 500..2 500 ms) drops nothing: the drop at 2 600 ms starts a new run.
         assert!(matches!(
             &h.send(ms(1_500), &heartbeat())[..],
             [Ev::Relay { .. }]
         ));
-        // Second 2: a drop, but the run starts again at 1.
-        assert!(matches!(
-            &h.send(ms(2_500), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        assert_error(&h.send(ms(2_600), &heartbeat()), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(2_600)), "RATE_LIMIT", None);
+        assert_error(&drop_at(&mut h, ms(3_700)), "RATE_LIMIT", None);
         assert!(!h.session.is_closed());
-        // Second 3: a drop again → 2 consecutive → close, after the (due) error.
-        assert!(matches!(
-            &h.send(ms(3_600), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        let evs = h.send(ms(3_700), &heartbeat());
+        // Two seconds into the new run → close, after the (due) error.
+        let evs = drop_at(&mut h, ms(4_700));
         assert_fatal(&evs, "RATE_LIMIT", 4008, None);
     }
 
@@ -2489,13 +2549,13 @@ mod tests {
         }
         // Over the limit: dropped, and no error goes to the peer.
         assert!(h.send(ms(400), &heartbeat()).is_empty());
-        // Dropping again in the next second ends it, without a second close frame.
-        assert!(matches!(
-            &h.send(ms(1_000), &heartbeat())[..],
-            [Ev::Relay { .. }]
-        ));
-        assert_eq!(h.send(ms(1_100), &heartbeat()), vec![Ev::Close]);
-        assert_closed(&mut h, secs(2));
+        // Dropping on for two seconds (in each second of the run) ends it, without a
+        // second close frame.
+        assert!(drop_at(&mut h, ms(1_300)).is_empty());
+        assert!(drop_at(&mut h, ms(1_500)).is_empty());
+        assert!(!h.session.is_closed());
+        assert_eq!(drop_at(&mut h, ms(2_400)), vec![Ev::Close]);
+        assert_closed(&mut h, secs(3));
     }
 
     #[test]
@@ -2511,6 +2571,32 @@ mod tests {
         h.close(secs(1), CLOSE_REPLACED, "replaced");
         assert_eq!(h.close(secs(1), 1012, "restarting"), vec![Ev::Close]);
         assert_closed(&mut h, secs(2));
+    }
+
+    #[test]
+    fn a_replaced_agent_drains_while_its_data_keeps_coming() {
+        let mut h = Harness::agent(limits());
+        h.close(secs(1), CLOSE_REPLACED, "replaced");
+        // A backlog read slowly: each read pushes the end of the drain.
+        for at in [2_500, 4_000, 5_500] {
+            let evs = h.send(ms(at), &heartbeat());
+            assert!(matches!(&evs[..], [Ev::Relay { .. }]), "{at}: {evs:?}");
+        }
+        assert_eq!(h.next_timeout(), Some(ms(5_500) + REPLACED_DRAIN));
+        assert!(h.tick(ms(7_499)).is_empty());
+        assert_eq!(h.tick(ms(7_500)), vec![Ev::Close]);
+
+        // A peer that never stops is cut off REPLACED_DRAIN_MAX after the takeover.
+        let mut h = Harness::agent(limits());
+        h.close(secs(1), CLOSE_REPLACED, "replaced");
+        let end = secs(1) + REPLACED_DRAIN_MAX;
+        let mut at = secs(2);
+        while at < end {
+            assert!(matches!(&h.send(at, &heartbeat())[..], [Ev::Relay { .. }]));
+            at += secs(1);
+        }
+        assert_eq!(h.next_timeout(), Some(end));
+        assert_eq!(h.tick(end), vec![Ev::Close]);
     }
 
     #[test]
