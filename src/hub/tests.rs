@@ -523,3 +523,60 @@ fn the_latest_reports_are_kept_per_agent() {
     assert_eq!(detail.servers, vec![s1b.to_string(), s2.to_string()]);
     assert_eq!(detail.heartbeat.as_deref(), Some("{}"));
 }
+
+#[test]
+fn the_admin_list_shows_a_replaced_machine_once() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    let who = agent("mch_1", "clu_a");
+    hub.online(conn(1), &who, "1.0", TS, &mut out);
+    hub.online(conn(2), &who, "1.1", TS + 1, &mut out);
+    hub.online(conn(3), &agent("mch_2", "clu_b"), "", TS, &mut out);
+    let (tx, rx) = mpsc::channel();
+    hub.handle(
+        Msg::Admin(AdminRequest::Machines { reply: tx }),
+        t0,
+        TS,
+        &mut out,
+    );
+    let mut list: Vec<(Box<str>, Box<str>)> = rx
+        .try_recv()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.machine_id, m.version))
+        .collect();
+    list.sort();
+    assert_eq!(
+        list,
+        [("mch_1".into(), "1.1".into()), ("mch_2".into(), "".into())]
+    );
+}
+
+#[test]
+fn a_notification_reaches_the_cluster_s_users_and_every_service() {
+    let mut h = hubs(1);
+    let (hub, mut out, t0) = (&mut h[0], Rec::default(), Instant::now());
+    hub.online(conn(1), &user(&["clu_a"]), "", TS, &mut out);
+    hub.online(conn(2), &user(&["clu_b"]), "", TS, &mut out);
+    hub.online(
+        conn(3),
+        &identity(Role::Service, "svc", &[]),
+        "",
+        TS,
+        &mut out,
+    );
+    let req = AdminRequest::Notify {
+        cluster_id: "clu_a".into(),
+        data: r#"{"type":"info","message":"hi"}"#.into(),
+    };
+    hub.handle(Msg::Admin(req), t0, TS, &mut out);
+    let did = out.take();
+    let to: Vec<ConnId> = did
+        .iter()
+        .flat_map(|d| match d {
+            Did::Deliver(to, v) if event(v) == "notification" => to.clone(),
+            _ => panic!("{did:?}"),
+        })
+        .collect();
+    assert_eq!(to, [conn(3), conn(1)]);
+}
