@@ -25,6 +25,9 @@ pub enum Command {
     Token(TokenArgs),
     /// Print the effective configuration of `serve` (secrets masked), or what is wrong with it
     CheckConfig(ServeArgs),
+    /// Write the man pages and shell completions into a directory (packaging)
+    #[command(hide = true)]
+    GenerateAssets(crate::generate::AssetArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +138,7 @@ pub fn run(cli: Cli, run_server: RunServer) -> ExitCode {
         Command::Serve(args) => serve(args, run_server),
         Command::Token(args) => token(&args),
         Command::CheckConfig(args) => check_config(args),
+        Command::GenerateAssets(args) => crate::generate::run(&args),
     }
 }
 
