@@ -75,7 +75,7 @@ fn choose_backend(mode: IoMode) -> anyhow::Result<Backend> {
         IoMode::Auto => match uring::probe() {
             Ok(()) => Ok(Backend::Uring),
             Err(e) => {
-                tracing::warn!(error = %e, "io_uring cannot be set up here (kernel.io_uring_disabled or a seccomp filter?); falling back to epoll");
+                tracing::warn!(error = %e, "io_uring is blocked here: a container's seccomp profile (Docker's default blocks it; run with packaging/container/seccomp-io_uring.json) or kernel.io_uring_disabled; running on epoll");
                 Ok(Backend::Epoll)
             }
         },
