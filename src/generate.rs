@@ -45,7 +45,7 @@ fn write_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .filter(|s| !s.is_hide_set() && s.get_name() != "help")
     {
         let name = format!("arcgate-{}", sub.get_name());
-        pages.push((name, sub.clone()));
+        pages.push((name, sub.clone().version(env!("CARGO_PKG_VERSION"))));
     }
     for (name, page) in pages {
         let mut out = Vec::new();
