@@ -142,7 +142,11 @@ impl Samples {
     /// and the p50 and p99 in milliseconds (`None` without commands).
     pub fn latency(&self, now: &Totals) -> (u64, Option<f64>, Option<f64>) {
         let n = self.readings.len();
-        let base = self.readings.get(n.saturating_sub(LATENCY_WINDOW));
+        // Until the window is full, everything since the start counts.
+        let base = n
+            .checked_sub(LATENCY_WINDOW)
+            .filter(|&i| i > 0)
+            .and_then(|i| self.readings.get(i));
         let mut counts = now.round_trip;
         if let Some(base) = base {
             for (c, b) in counts.iter_mut().zip(base.round_trip) {
@@ -244,6 +248,11 @@ mod tests {
         }
         let mut now = s.latest().unwrap().clone();
         assert_eq!(s.latency(&now), (0, None, None));
+        // With fewer readings than the window, the start counts too.
+        let mut young = Samples::default();
+        young.push(old.clone());
+        young.push(old.clone());
+        assert_eq!(young.latency(&old).0, 1);
         // 100 commands: 98 within 5 ms, 2 between 0.5 s and 1 s.
         now.round_trip[0] += 98;
         now.round_trip[7] += 2;

@@ -40,11 +40,11 @@ pub fn spawn_sampler(admin: Arc<Admin>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("arcgate-status".into())
         .spawn(move || loop {
+            // On the wall clock's whole seconds, so that every interval is one second
+            // (a first, shorter one would show a burst that never was).
+            std::thread::sleep(Duration::from_secs_f64(1.0 - unix_now().fract()));
             let reading = Totals::read(&admin.shared.metrics, unix_now());
             admin.samples().push(reading);
-            // Aligned to the wall clock's seconds so that readings are evenly spaced.
-            let now = unix_now();
-            std::thread::sleep(Duration::from_secs_f64(1.0 - now.fract()));
         })?;
     Ok(())
 }
