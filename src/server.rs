@@ -76,7 +76,7 @@ fn choose_backend(mode: IoMode, table: u32) -> anyhow::Result<Backend> {
         IoMode::Auto => match uring::probe(table) {
             Ok(()) => Ok(Backend::Uring),
             Err(e) => {
-                tracing::warn!(reason = %e, "io_uring cannot be used here; falling back to epoll");
+                tracing::warn!(reason = %e, "io_uring cannot be used here; falling back to epoll (in a container, Docker's default seccomp profile blocks io_uring: run with packaging/container/seccomp-io_uring.json; on a host, see kernel.io_uring_disabled)");
                 Ok(Backend::Epoll)
             }
         },
