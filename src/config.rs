@@ -57,6 +57,9 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Lowercase `scheme://host[:port]` entries.
     pub allowed_origins: Option<Vec<String>>,
+    /// TLS on the WebSocket listener: PEM chain and key, both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub workers: usize,
     pub io: IoMode,
     pub drain_duration: Duration,
@@ -102,6 +105,8 @@ impl Default for Config {
             max_pending_handshakes: 8192,
             max_header_bytes: 8 << 10,
             allowed_origins: None,
+            tls_cert: None,
+            tls_key: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             io: IoMode::Auto,
             drain_duration: Duration::from_secs(10),
@@ -198,6 +203,12 @@ pub struct ServeArgs {
     /// Browser origins allowed to connect, e.g. https://panel.example.com [default: any]
     #[arg(long, env = "ARCGATE_ALLOWED_ORIGINS", value_name = "A,B")]
     pub allowed_origins: Option<String>,
+    /// PEM certificate chain for wss:// (with --tls-key) [default: plain ws://]
+    #[arg(long, env = "ARCGATE_TLS_CERT", value_name = "PEM_FILE")]
+    pub tls_cert: Option<String>,
+    /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert
+    #[arg(long, env = "ARCGATE_TLS_KEY", value_name = "PEM_FILE")]
+    pub tls_key: Option<String>,
     /// Worker threads [default: number of cores]
     #[arg(long, env = "ARCGATE_WORKERS", value_name = "N")]
     pub workers: Option<String>,
@@ -277,6 +288,8 @@ text_keys!(
     max_pending_handshakes,
     max_header_bytes,
     allowed_origins,
+    tls_cert,
+    tls_key,
     workers,
     io,
     drain_duration,
@@ -337,7 +350,8 @@ impl Config {
             None => ("jwt_secret", None, "generated at start (dev)"),
         };
         let origins = self.allowed_origins.as_ref().map(|o| format!("{o:?}"));
-        let lines: [(&str, Option<String>, &str); 29] = [
+        let path = |p: &Option<PathBuf>| p.as_ref().and_then(|p| q(&p.to_string_lossy()));
+        let lines: [(&str, Option<String>, &str); 31] = [
             ("listen", q(&self.listen.to_string()), ""),
             ("admin_listen", q(&self.admin_listen.to_string()), ""),
             key_line,
@@ -381,6 +395,8 @@ impl Config {
             ),
             ("max_header_bytes", num(&self.max_header_bytes), ""),
             ("allowed_origins", origins, "unset (any origin)"),
+            ("tls_cert", path(&self.tls_cert), "unset (plain ws://)"),
+            ("tls_key", path(&self.tls_key), "unset (plain ws://)"),
             ("workers", num(&self.workers), ""),
             ("io", q(io_name(self.io)), ""),
             ("drain_duration", dur(self.drain_duration), ""),
@@ -488,7 +504,7 @@ fn file_entry(
     }
     let text = file_value_text(key, value).map_err(|expected| bad(&expected))?;
     let text = match key {
-        "jwt_public_key" => relative_to(path, &text),
+        "jwt_public_key" | "tls_cert" | "tls_key" => relative_to(path, &text),
         _ => text,
     };
     let slot = out
@@ -574,6 +590,8 @@ impl Fields<'_> {
             ),
             max_header_bytes: self.bytes("max_header_bytes", d.max_header_bytes),
             allowed_origins: self.origins(),
+            tls_cert: self.raw.get("tls_cert").map(PathBuf::from),
+            tls_key: self.raw.get("tls_key").map(PathBuf::from),
             workers: self.at_least("workers", d.workers, 1),
             io: self.choice(
                 "io",
@@ -595,7 +613,25 @@ impl Fields<'_> {
         };
         self.check_ranges(&c);
         self.check_key(&c);
+        self.check_tls(&c);
         c
+    }
+
+    /// Loads the TLS pair once to refuse a missing, malformed or mismatched one now.
+    fn check_tls(&mut self, c: &Config) {
+        match (&c.tls_cert, &c.tls_key) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::certs::CertStore::load(cert.clone(), key.clone()) {
+                    self.errors.push(format!("TLS certificate refused: {e}"));
+                }
+            }
+            (None, None) => {}
+            _ => self.errors.push(
+                "tls_cert and tls_key go together: give both (PEM chain and its key) \
+                 or neither (plain ws://)"
+                    .to_string(),
+            ),
+        }
     }
 
     fn fail(&mut self, key: &str, value: &str, expected: &str) {
@@ -1386,6 +1422,24 @@ mod tests {
         assert_eq!(short.warnings().len(), 1);
         assert!(short.warnings()[0].contains("3 bytes"));
         assert!(Config::load(with_secret()).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_names_the_bad_one() {
+        let half = one_error(ServeArgs {
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            ..with_secret()
+        });
+        assert!(half.contains("tls_cert and tls_key go together"), "{half}");
+        let missing = one_error(ServeArgs {
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_key: Some("/nonexistent/key.pem".into()),
+            ..with_secret()
+        });
+        assert!(
+            missing.contains("/nonexistent/cert.pem: cannot read"),
+            "{missing}"
+        );
     }
 
     #[test]

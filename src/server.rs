@@ -13,9 +13,10 @@ use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
 use crate::auth::{Revocations, Verifier};
+use crate::certs::{self, CertStore};
 use crate::config::{Config, IoMode, ServeArgs};
 use crate::hub::{Hub, Msg, Shared};
-use crate::io::{epoll::EpollLoop, listener, uring, Backend, Conns, Notifier};
+use crate::io::{epoll::EpollLoop, listener, tls, uring, Backend, Conns, Notifier};
 use crate::protocol::handshake::Policy;
 use crate::protocol::session::{Limits, AGENT_PATH, CLIENT_PATH};
 use crate::systemd;
@@ -184,6 +185,9 @@ impl Control {
     /// SIGHUP: reads the configuration again and applies the keys, limits and log level;
     /// a configuration that does not validate is refused and the running one stays.
     fn reload(&self) {
+        if let Some(store) = &self.env.tls {
+            store.reload("SIGHUP");
+        }
         let Some(args) = &self.args else {
             tracing::warn!("SIGHUP ignored: this gateway was not started from a command line");
             return;
@@ -258,6 +262,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         old.max_pending_handshakes != new.max_pending_handshakes,
     );
     check("log_format", old.log_format != new.log_format);
+    // The files they name are read again on SIGHUP; other files need a restart.
+    check("tls_cert", old.tls_cert != new.tls_cert);
+    check("tls_key", old.tls_key != new.tls_key);
     out
 }
 
@@ -339,6 +346,21 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     let revocations = Arc::new(Revocations::default());
     let settings = settings(&config, &revocations)?;
     let backend = choose_backend(config.io)?;
+    let cert_store = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            CertStore::load(cert.clone(), key.clone())
+                .map_err(|e| anyhow!("TLS certificate refused: {e}"))?,
+        )),
+        _ => None,
+    };
+    let tls_config = match &cert_store {
+        Some(store) => Some(
+            store
+                .server_config()
+                .map_err(|e| anyhow!("TLS setup: {e}"))?,
+        ),
+        None => None,
+    };
     let workers = config.workers.max(1);
     let per_worker = nofile.saturating_sub(FD_RESERVE).max(1);
     let max_connections = config.max_connections.unwrap_or(match backend {
@@ -367,7 +389,11 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         lifecycle: Lifecycle::default(),
         revocations,
         max_pending_handshakes: config.max_pending_handshakes,
+        tls: cert_store.clone(),
     });
+    if let Some(store) = &cert_store {
+        certs::spawn_watcher(store.clone())?;
+    }
     let notifiers = (0..workers)
         .map(|_| Notifier::new().map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
@@ -396,12 +422,14 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         let notifier = notifiers[index].clone();
         let max_outbound = config.max_outbound_bytes;
         let shared = shared.clone();
+        let tls_config = tls_config.clone();
         let thread = std::thread::Builder::new()
             .name(format!("arcgate-w{index}"))
             .stack_size(8 << 20)
             .spawn(move || -> anyhow::Result<()> {
                 pin_to_core(index);
                 let mut worker = Worker::new(env, hub);
+                let mut worker = tls::Layer::new(&mut worker, tls_config);
                 let mut conns = Conns::new(max_outbound);
                 let metrics = &shared.metrics;
                 // The loop is set up: the start need not wait for its first turn.
@@ -440,6 +468,7 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         admin = %admin_addr,
         socket_activated,
         backend = backend.as_str(),
+        tls = certs::status(cert_store.as_deref()).mode,
         workers,
         max_connections,
         "arcgate is listening"

@@ -124,7 +124,7 @@ pub(crate) struct OutQueue {
 }
 
 impl OutQueue {
-    fn push(&mut self, frame: Bytes) {
+    pub(crate) fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);
     }
@@ -168,6 +168,11 @@ impl OutQueue {
         *self = OutQueue::default();
     }
 
+    /// Empties the queue, handing over its frames (none of them started).
+    pub(crate) fn take_frames(&mut self) -> VecDeque<Bytes> {
+        std::mem::take(self).frames
+    }
+
     /// Drops every frame not started yet. Kept whole: the frames a send in flight points
     /// into (`sending`), and a frame already partly written, since cutting it would
     /// leave the peer a stream it cannot parse.
@@ -203,6 +208,8 @@ pub(crate) struct Slot {
     pub recv_armed: bool,
     pub shutting: bool,
     pub close_sent: bool,
+    /// TLS on this connection: `out` then holds the frames until they are sealed.
+    pub(crate) tls: Option<Box<super::tls::Tls>>,
 }
 
 /// All connections of one worker.
@@ -237,7 +244,7 @@ impl Conns {
             return Queued::Gone;
         };
         slot.out.push(frame);
-        let over = slot.out.bytes > max;
+        let over = slot.queued() > max;
         if !slot.dirty {
             slot.dirty = true;
             self.dirty.push(id.slot);
@@ -267,7 +274,8 @@ impl Conns {
     /// what is queued next, such as a close frame, follows right after.
     pub fn discard_queued(&mut self, id: ConnId) {
         if let Some(slot) = self.open_slot(id) {
-            slot.out.discard_unsent(slot.sending);
+            // With TLS no send points into the frames (they are sealed into records).
+            slot.out.discard_unsent(slot.sending && slot.tls.is_none());
         }
     }
 
@@ -287,7 +295,7 @@ impl Conns {
 
     /// Bytes queued and not yet written to `id`.
     pub fn queued_bytes(&self, id: ConnId) -> usize {
-        self.get(id).map_or(0, |s| s.out.bytes)
+        self.get(id).map_or(0, Slot::queued)
     }
 
     fn open_slot(&mut self, id: ConnId) -> Option<&mut Slot> {
@@ -308,6 +316,7 @@ impl Conns {
             recv_armed: false,
             shutting: false,
             close_sent: false,
+            tls: None,
         };
         if let Some(i) = self.free.pop() {
             let slot = &mut self.slots[i as usize];
@@ -365,6 +374,7 @@ impl Conns {
         if let Some(slot) = self.get_mut(id) {
             slot.state = State::Free;
             slot.out.clear();
+            slot.tls = None;
             slot.fd = -1;
             self.live -= 1;
             self.free.push(id.slot);
