@@ -42,6 +42,12 @@ pub struct Common {
     /// The gateway's base URL; /ws/agent and /ws/client are appended
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
+    /// wss://: PEM certificates to trust (the gateway's own, for a self-signed one)
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// wss://: accept any certificate (tests only)
+    #[arg(long)]
+    pub insecure: bool,
     /// HS256 secret to mint tokens with (the gateway's --jwt-secret)
     #[arg(long, env = "ARCGATE_JWT_SECRET", hide_env_values = true)]
     pub secret: String,
@@ -212,14 +218,18 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// Host header, socket address and base path of a `ws://` URL.
-fn resolve(url: &str) -> Result<(String, std::net::SocketAddr, String), String> {
-    if url.starts_with("wss://") {
-        return Err("wss:// is not supported: point --url at a ws:// listener".into());
-    }
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("--url {url:?}: expected ws://HOST:PORT"))?;
+/// Host header, socket address, base path and whether TLS is on, of a `ws://` or
+/// `wss://` URL.
+fn resolve(url: &str) -> Result<(String, std::net::SocketAddr, String, bool), String> {
+    let (rest, tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => {
+            return Err(format!(
+                "--url {url:?}: expected ws://HOST:PORT or wss://HOST:PORT"
+            ))
+        }
+    };
     let (authority, path) = match rest.find('/') {
         Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
         None => (rest, ""),
@@ -231,18 +241,38 @@ fn resolve(url: &str) -> Result<(String, std::net::SocketAddr, String), String> 
     {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{}", if tls { 443 } else { 80 })
     };
     let addr = with_port
         .to_socket_addrs()
         .map_err(|e| format!("--url {url:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("--url {url:?}: no address"))?;
-    Ok((authority.to_string(), addr, path.to_string()))
+    Ok((authority.to_string(), addr, path.to_string(), tls))
+}
+
+/// The host of an authority (`name:port`, `[v6]:port`), as the certificate names it.
+fn host_of(authority: &str) -> String {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && !authority.ends_with(']') => h,
+        _ => authority,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
-    let (host, addr, base_path) = resolve(&c.url)?;
+    let (host, addr, base_path, wss) = resolve(&c.url)?;
+    let tls = wss.then(|| crate::tls::TlsPlan {
+        server_name: host_of(&host),
+        ca_file: c.ca_file.clone(),
+        insecure: c.insecure,
+    });
+    if let Some(tls) = &tls {
+        // Checked here so that a bad file is reported before any worker starts.
+        crate::tls::Connector::new(tls)?;
+    }
     if c.secret.is_empty() {
         return Err("--secret must not be empty".into());
     }
@@ -263,6 +293,7 @@ fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
         addr,
         host,
         base_path,
+        tls,
         secret: c.secret.clone(),
         run_id,
         agents: 0,
@@ -384,15 +415,40 @@ mod tests {
 
     #[test]
     fn urls_resolve_with_base_paths() {
-        let (host, addr, path) = resolve("ws://127.0.0.1:9001/").unwrap();
+        let (host, addr, path, tls) = resolve("ws://127.0.0.1:9001/").unwrap();
         assert_eq!(
-            (host.as_str(), addr.port(), path.as_str()),
-            ("127.0.0.1:9001", 9001, "")
+            (host.as_str(), addr.port(), path.as_str(), tls),
+            ("127.0.0.1:9001", 9001, "", false)
         );
-        let (_, addr, path) = resolve("ws://localhost:7/gw").unwrap();
+        let (_, addr, path, _) = resolve("ws://localhost:7/gw").unwrap();
         assert_eq!((addr.port(), path.as_str()), (7, "/gw"));
-        assert!(resolve("wss://x:1").is_err());
+        let (host, addr, _, tls) = resolve("wss://localhost").unwrap();
+        assert_eq!(
+            (host_of(&host).as_str(), addr.port(), tls),
+            ("localhost", 443, true)
+        );
+        assert_eq!(host_of("[::1]:8443"), "::1");
         assert!(resolve("http://x:1").is_err());
+    }
+
+    #[test]
+    fn wss_needs_a_ca_file_or_insecure() {
+        let err = plan(&["connect", "--secret", "s", "--url", "wss://localhost:1"]).unwrap_err();
+        assert!(err.contains("--ca-file"), "{err}");
+        let args = [
+            "connect",
+            "--secret",
+            "s",
+            "--url",
+            "wss://localhost:1",
+            "--insecure",
+        ];
+        let p = plan(&args).unwrap();
+        let tls = p.tls.unwrap();
+        assert_eq!(
+            (tls.server_name.as_str(), tls.insecure),
+            ("localhost", true)
+        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use arcgate::auth::{mint_hs256, TokenSpec};
 use arcgate::protocol::codec::{Decoder, Flow, Message, OP_PING, OP_PONG, OP_TEXT};
-use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
@@ -17,6 +16,7 @@ use crate::msg::{self, IdMap, Relay, RelayReader, Relayed};
 use crate::net;
 use crate::plan::{FlatOut, Hist, Plan, HISTS};
 use crate::stats::{self, Counters, Lat, RoleCount, StormSeen, Tally, Tick, WorkerResult, C};
+use crate::tls::{Connector, Stream};
 use crate::util::{mono_ns, unix_ms, unix_s, Rng};
 use crate::ws::{self, Upgrade};
 
@@ -82,7 +82,7 @@ struct Conn {
     state: State,
     /// Bumped whenever the socket goes: stale timers carry an older value.
     gen: u32,
-    sock: Option<TcpStream>,
+    sock: Option<Stream>,
     head: Vec<u8>,
     dec: Decoder,
     wbuf: Vec<u8>,
@@ -211,6 +211,8 @@ enum Phase {
 pub struct Engine {
     plan: Plan,
     poll: Poll,
+    /// wss://: the TLS client configuration.
+    connector: Option<Connector>,
     conns: Vec<Conn>,
     /// Index of the first agent in `conns` (users and the service come first).
     agent_base: usize,
@@ -299,8 +301,13 @@ impl Engine {
             conns.push(conn);
         }
         let clusters = plan.clusters.max(1) as usize;
+        let connector = match &plan.tls {
+            Some(tls) => Some(Connector::new(tls).map_err(io::Error::other)?),
+            None => None,
+        };
         Ok(Engine {
             poll,
+            connector,
             conns,
             agent_base,
             timers: BinaryHeap::new(),
@@ -672,7 +679,8 @@ impl Engine {
     fn start_attempt(&mut self, i: usize, now: u64) {
         self.c.inc(C::Attempts);
         let src = self.next_src();
-        let mut sock = match net::connect(src, self.plan.addr) {
+        let connected = net::connect(src, self.plan.addr);
+        let mut sock = match connected.and_then(|s| Stream::new(s, self.connector.as_ref())) {
             Ok(s) => s,
             Err(e) => {
                 let cause = net::cause(&e);
@@ -1169,6 +1177,14 @@ impl Engine {
             return;
         };
         if conn.state == State::Connecting {
+            return;
+        }
+        // wss://: TLS records the socket did not take last time.
+        if let Err(e) = sock.flush() {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                let cause = net::cause(&e);
+                return self.drop_conn(i, &cause, None, now);
+            }
             return;
         }
         while conn.wpos < conn.wbuf.len() {

@@ -9,6 +9,7 @@ mod net;
 mod plan;
 mod report;
 mod stats;
+mod tls;
 mod util;
 mod ws;
 

@@ -88,6 +88,9 @@ pub struct Plan {
     pub host: String,
     /// The base path before `/ws/agent` and `/ws/client` (usually empty).
     pub base_path: String,
+    /// wss://: how the certificate is verified.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsPlan>,
     pub secret: String,
     /// Distinguishes this run's machine ids and clusters from any other run's.
     pub run_id: String,

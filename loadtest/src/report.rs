@@ -334,7 +334,12 @@ pub fn build(
     let mut rep = Report {
         tool: concat!("arcgate-load ", env!("CARGO_PKG_VERSION")).into(),
         scenario: plan.scenario.name().into(),
-        target: format!("ws://{}{}", plan.host, plan.base_path),
+        target: format!(
+            "{}://{}{}",
+            if plan.tls.is_some() { "wss" } else { "ws" },
+            plan.host,
+            plan.base_path
+        ),
         run_id: plan.run_id.clone(),
         started_at_ms,
         procs: plan.procs,
