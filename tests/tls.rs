@@ -21,6 +21,7 @@ both_backends!(
     agent_and_user_relay_and_command_over_wss,
     non_tls_bytes_are_closed_and_the_gateway_carries_on,
     a_client_offering_only_h2_fails_the_handshake,
+    tls_1_2_clients_are_served,
     reload_serves_the_new_certificate_to_new_handshakes,
     a_bad_new_pair_is_refused_and_the_old_one_stays,
 );
@@ -47,6 +48,14 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// A client trusting only `ca_pem`, offering `alpn`.
 fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    client_config_for(ca_pem, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+fn client_config_for(
+    ca_pem: &str,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -54,7 +63,7 @@ fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -66,10 +75,18 @@ type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A wss:// connection on `path` verified against `ca_pem`.
 async fn wss(gw: &Gateway, path: &str, ca_pem: &str, alpn: &[&[u8]]) -> Result<Stream, String> {
+    wss_with(gw, path, client_config(ca_pem, alpn)).await
+}
+
+async fn wss_with(
+    gw: &Gateway,
+    path: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Stream, String> {
     let tcp = tcp_connect(gw.addr).await;
     let url = format!("wss://localhost:{}{path}", gw.addr.port());
     let req = url.into_client_request().unwrap();
-    let connector = Connector::Rustls(client_config(ca_pem, alpn));
+    let connector = Connector::Rustls(config);
     let connect = tokio_tungstenite::client_async_tls_with_config(req, tcp, None, Some(connector));
     match tokio::time::timeout(WAIT, connect).await {
         Ok(Ok((ws, _))) => Ok(ws),
@@ -247,6 +264,22 @@ async fn a_client_offering_only_h2_fails_the_handshake(io: &'static str) {
     assert!(wss(&gw, "/ws/agent", &ca, &[b"h2", b"http/1.1"])
         .await
         .is_ok());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn tls_1_2_clients_are_served(io: &'static str) {
+    let dir = temp_dir("tls12");
+    let (cert, key, ca) = pair_in(&dir);
+    let gw = start_tls(io, &cert, &key).await;
+    let config = client_config_for(&ca, &[b"http/1.1"], &[&rustls::version::TLS12]);
+    let mut ws = wss_with(&gw, "/ws/agent", config).await.unwrap();
+    send(
+        &mut ws,
+        agent_auth(&agent_token("mch_12", "clu_12"), "mch_12"),
+    )
+    .await;
+    let m = recv_event(&mut ws, "authenticated").await;
+    assert_eq!(m["data"]["machineId"], "mch_12", "{m}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

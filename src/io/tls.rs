@@ -2,54 +2,185 @@
 //! decrypted before the handler sees them, and a connection's queued frames are sealed
 //! into its records when the loop flushes, so a relay frame is still built once.
 
-use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+    UnbufferedStatus, WriteTraffic,
+};
+use rustls::ServerConfig;
 
 use super::conns::{ConnId, Conns, OutQueue, Slot, State};
 use super::Handler;
 
-/// One connection's TLS state: rustls's connection and the records not yet written.
-#[derive(Debug)]
+type Writer<'a> = WriteTraffic<'a, ServerConnectionData>;
+/// Seals into the records once rustls may send application data.
+type Seal<'s> = &'s mut dyn for<'a> FnMut(&mut Writer<'a>, &mut Vec<u8>);
+
+/// One connection's TLS state: rustls's unbuffered connection (it holds no record
+/// buffers: input is ours, output goes straight into our records), the tail of a
+/// record still arriving, and the records not yet written.
 pub(crate) struct Tls {
-    conn: ServerConnection,
+    conn: UnbufferedServerConnection,
+    /// Received bytes of a record not complete yet; empty (no allocation) between records.
+    partial: Vec<u8>,
     /// Records (handshake, sealed frames, alerts) waiting for the socket; a send in
     /// flight points into them.
     wire: OutQueue,
-    /// close_notify was queued.
+    /// The handshake finished: frames may be sealed.
+    established: bool,
+    /// close_notify was queued (or cannot be any more).
     notified: bool,
+}
+
+/// Appends what rustls produces when a buffer of `required_size` is needed first.
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("partial", &self.partial.len())
+            .field("wire", &self.wire)
+            .field("established", &self.established)
+            .finish_non_exhaustive()
+    }
+}
+
+fn grow_into(
+    out: &mut Vec<u8>,
+    mut produce: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> Result<(), rustls::Error> {
+    let start = out.len();
+    let need = match produce(&mut []) {
+        Ok(_) => return Ok(()),
+        Err(Some(need)) => need,
+        Err(None) => return Err(rustls::Error::General("TLS output failed".into())),
+    };
+    out.resize(start + need, 0);
+    match produce(&mut out[start..]) {
+        Ok(n) => {
+            out.truncate(start + n);
+            Ok(())
+        }
+        Err(_) => {
+            out.truncate(start);
+            Err(rustls::Error::General("TLS output failed".into()))
+        }
+    }
+}
+
+fn encode(
+    e: &mut EncodeTlsData<'_, ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    grow_into(out, |buf| match e.encode(buf) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            Err(Some(required_size))
+        }
+        Err(_) => Err(None),
+    })
+}
+
+fn size_needed(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(required_size)
+        }
+        _ => None,
+    }
 }
 
 impl Tls {
     fn new(config: Arc<ServerConfig>) -> Result<Tls, rustls::Error> {
-        let mut conn = ServerConnection::new(config)?;
-        // The connection's own outbound cap (`max_outbound_bytes`) bounds what is sealed.
-        conn.set_buffer_limit(None);
         Ok(Tls {
-            conn,
+            conn: UnbufferedServerConnection::new(config)?,
+            partial: Vec::new(),
             wire: OutQueue::default(),
+            established: false,
             notified: false,
         })
     }
 
-    /// Feeds received bytes to rustls and appends the application data they carried.
-    fn receive(&mut self, mut data: &[u8], plain: &mut Vec<u8>) -> Result<(), rustls::Error> {
-        while !data.is_empty() {
-            // rustls takes at most its read size per call; process between calls so its
-            // buffer never fills.
-            self.conn
-                .read_tls(&mut data)
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-            let state = self.conn.process_new_packets()?;
-            if state.plaintext_bytes_to_read() > 0 {
-                // Ends with WouldBlock once everything decrypted so far is read.
-                let _ = self.conn.reader().read_to_end(plain);
+    /// Runs rustls over `input` until it needs more bytes or may send application data
+    /// (then `write` seals into `records`). Decrypted data goes to `plain`, records
+    /// rustls wants sent to `records`. Returns the bytes of `input` consumed.
+    fn drive(
+        &mut self,
+        input: &mut [u8],
+        plain: &mut Vec<u8>,
+        records: &mut Vec<u8>,
+        mut write: Option<Seal<'_>>,
+    ) -> (usize, Result<(), rustls::Error>) {
+        let mut used = 0;
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut input[used..]);
+            used += discard;
+            let result = match state {
+                Err(e) => Err(e),
+                Ok(ConnectionState::ReadTraffic(mut r)) => loop {
+                    match r.next_record() {
+                        Some(Ok(record)) => plain.extend_from_slice(record.payload),
+                        Some(Err(e)) => break Err(e),
+                        None => break Ok(()),
+                    }
+                },
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, records),
+                // Sent at this turn's flush, in order with everything after it.
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    t.done();
+                    Ok(())
+                }
+                Ok(ConnectionState::WriteTraffic(mut w)) => {
+                    self.established = true;
+                    if let Some(write) = write.take() {
+                        write(&mut w, records);
+                    }
+                    return (used, Ok(()));
+                }
+                // The peer's FIN follows; keep going to the state after it.
+                Ok(ConnectionState::PeerClosed) => Ok(()),
+                // Blocked on the peer, closed, or early data (not enabled).
+                Ok(_) => return (used, Ok(())),
+            };
+            if let Err(e) = result {
+                return (used, Err(e));
             }
         }
-        Ok(())
+    }
+
+    /// Feeds received bytes to rustls; appends the application data they carried to
+    /// `plain` and the records to send (handshake, alerts) to `records`.
+    fn receive(
+        &mut self,
+        data: &mut [u8],
+        plain: &mut Vec<u8>,
+        records: &mut Vec<u8>,
+    ) -> Result<(), rustls::Error> {
+        let result = if self.partial.is_empty() {
+            let (used, result) = self.drive(data, plain, records, None);
+            if result.is_ok() && used < data.len() {
+                self.partial.extend_from_slice(&data[used..]);
+            }
+            result
+        } else {
+            let mut input = std::mem::take(&mut self.partial);
+            input.extend_from_slice(data);
+            let (used, result) = self.drive(&mut input, plain, records, None);
+            input.drain(..used);
+            if result.is_ok() && !input.is_empty() {
+                self.partial = input;
+            }
+            result
+        };
+        if result.is_err() {
+            // The alert rustls queued for the peer.
+            self.partial = Vec::new();
+            let _ = self.drive(&mut [], plain, records, None);
+        }
+        result
     }
 }
 
@@ -80,25 +211,33 @@ impl Slot {
             return;
         };
         let closing = self.state == State::Flushing;
-        if !tls.conn.is_handshaking() {
-            for frame in self.out.take_frames() {
-                // Cannot fail: the buffer limit is off and the handshake is done.
-                let _ = std::io::Write::write_all(&mut tls.conn.writer(), &frame);
+        if !tls.established {
+            if closing {
+                self.out.clear();
+                tls.notified = true;
             }
-        } else if closing {
-            self.out.clear();
+            return;
         }
-        if closing && !tls.notified {
-            tls.notified = true;
-            tls.conn.send_close_notify();
+        let notify = closing && !tls.notified;
+        if self.out.is_empty() && !notify {
+            return;
         }
-        if tls.conn.wants_write() {
-            let mut records = Vec::new();
-            while tls.conn.wants_write() {
-                if tls.conn.write_tls(&mut records).is_err() {
-                    break;
+        tls.notified |= notify;
+        let frames = self.out.take_frames();
+        let mut seal = |w: &mut Writer<'_>, out: &mut Vec<u8>| {
+            for frame in &frames {
+                let sealed = grow_into(out, |buf| w.encrypt(frame, buf).map_err(size_needed));
+                if sealed.is_err() {
+                    return;
                 }
             }
+            if notify {
+                let _ = grow_into(out, |buf| w.queue_close_notify(buf).map_err(size_needed));
+            }
+        };
+        let mut records = Vec::new();
+        let _ = tls.drive(&mut [], &mut Vec::new(), &mut records, Some(&mut seal));
+        if !records.is_empty() {
             tls.wire.push(Bytes::from(records));
         }
     }
@@ -149,8 +288,10 @@ impl<H: Handler> Handler for Layer<'_, H> {
         };
         let mut plain = std::mem::take(&mut self.plain);
         plain.clear();
-        let result = tls.receive(data, &mut plain);
-        if tls.conn.wants_write() {
+        let mut records = Vec::new();
+        let result = tls.receive(data, &mut plain, &mut records);
+        if !records.is_empty() {
+            tls.wire.push(Bytes::from(records));
             conns.mark_dirty(id);
         }
         if !plain.is_empty() {
