@@ -47,15 +47,25 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// Appends what `produce` writes, with room for `guess` bytes first; when rustls says it
+/// needs more, with exactly that.
 fn grow_into(
     out: &mut Vec<u8>,
+    guess: usize,
     mut produce: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
 ) -> Result<(), rustls::Error> {
     let start = out.len();
-    let need = match produce(&mut []) {
-        Ok(_) => return Ok(()),
+    out.resize(start + guess, 0);
+    let need = match produce(&mut out[start..]) {
+        Ok(n) => {
+            out.truncate(start + n);
+            return Ok(());
+        }
         Err(Some(need)) => need,
-        Err(None) => return Err(rustls::Error::General("TLS output failed".into())),
+        Err(None) => {
+            out.truncate(start);
+            return Err(rustls::Error::General("TLS output failed".into()));
+        }
     };
     out.resize(start + need, 0);
     match produce(&mut out[start..]) {
@@ -70,11 +80,17 @@ fn grow_into(
     }
 }
 
+/// Room for `len` bytes of application data as records: a header, tag and content type
+/// per 16 KiB record.
+fn sealed_len(len: usize) -> usize {
+    len + (len / 16_384 + 1) * 64
+}
+
 fn encode(
     e: &mut EncodeTlsData<'_, ServerConnectionData>,
     out: &mut Vec<u8>,
 ) -> Result<(), rustls::Error> {
-    grow_into(out, |buf| match e.encode(buf) {
+    grow_into(out, 0, |buf| match e.encode(buf) {
         Ok(n) => Ok(n),
         Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
             Err(Some(required_size))
@@ -224,15 +240,29 @@ impl Slot {
         }
         tls.notified |= notify;
         let frames = self.out.take_frames();
+        // Frames of one turn go into as few records as they fill (one encryption per
+        // 16 KiB, not per frame); a lone frame is sealed from where it is.
+        let joined: Option<Vec<u8>> = (frames.len() > 1).then(|| {
+            let mut all = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
+            frames.iter().for_each(|f| all.extend_from_slice(f));
+            all
+        });
+        let plain: Vec<&[u8]> = match &joined {
+            Some(all) => vec![all],
+            None => frames.iter().map(|f| &f[..]).collect(),
+        };
         let mut seal = |w: &mut Writer<'_>, out: &mut Vec<u8>| {
-            for frame in &frames {
-                let sealed = grow_into(out, |buf| w.encrypt(frame, buf).map_err(size_needed));
+            for data in &plain {
+                let guess = sealed_len(data.len());
+                let sealed = grow_into(out, guess, |buf| w.encrypt(data, buf).map_err(size_needed));
                 if sealed.is_err() {
                     return;
                 }
             }
             if notify {
-                let _ = grow_into(out, |buf| w.queue_close_notify(buf).map_err(size_needed));
+                let _ = grow_into(out, 64, |buf| {
+                    w.queue_close_notify(buf).map_err(size_needed)
+                });
             }
         };
         let mut records = Vec::new();
