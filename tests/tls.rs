@@ -36,12 +36,12 @@ fn pair_in(dir: &Path) -> (PathBuf, PathBuf, String) {
     (cert, key, pair.cert_pem)
 }
 
+/// A fresh directory: unique per call, since both backends' variants of a test run at
+/// the same time in this process.
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "arcgate-tls-{name}-{}-{}",
-        std::process::id(),
-        now_ms()
-    ));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("arcgate-tls-{name}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
