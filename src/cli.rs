@@ -1,7 +1,9 @@
-//! The subcommands of `arcgate`: argument shapes, `token`, `check-config`, and the `--dev` start.
+//! The subcommands of `arcgate`: argument shapes, `token`, `check-config`, `cert`, and the
+//! `--dev` start.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +32,18 @@ pub enum Command {
     /// Write the man pages and shell completions into a directory (packaging)
     #[command(hide = true)]
     GenerateAssets(crate::generate::AssetArgs),
+    /// Write a certificate and key to try wss:// with
+    Cert(CertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertArgs {
+    /// A self-signed certificate for localhost, 127.0.0.1 and ::1, valid 90 days
+    #[arg(long, required = true)]
+    pub self_signed: bool,
+    /// Directory to write cert.pem and key.pem to
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -145,6 +159,30 @@ pub fn run(cli: Cli, run_server: RunServer) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::GenerateAssets(args) => crate::generate::run(&args),
+        Command::Cert(args) => cert(&args),
+    }
+}
+
+fn cert(args: &CertArgs) -> ExitCode {
+    match arcgate::certs::selfsigned::write_localhost(&args.out) {
+        Ok((cert, key)) => {
+            println!("certificate: {}", cert.display());
+            println!("key:         {}", key.display());
+            println!(
+                "serve with:  arcgate serve --dev --tls-cert {} --tls-key {}",
+                cert.display(),
+                key.display()
+            );
+            println!(
+                "clients trust {} (arcgate-load --ca-file), or skip the check while trying",
+                cert.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -207,7 +245,8 @@ fn serve(args: ServeArgs, run_server: RunServer) -> ExitCode {
     if config.key.is_none() {
         match dev_secret() {
             Ok(secret) => {
-                print!("{}", dev_block(&secret, config.listen, unix_now()));
+                let tls = config.tls_cert.is_some();
+                print!("{}", dev_block(&secret, config.listen, unix_now(), tls));
                 config.key = Some(KeySource::Secret(secret));
             }
             Err(e) => {
@@ -243,7 +282,7 @@ pub const DEV_CLUSTER: &str = "clu_dev";
 const DEV_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// What `serve --dev` prints on stdout: the secret, one token per role, and a way to connect.
-pub fn dev_block(secret: &str, listen: SocketAddr, now: u64) -> String {
+pub fn dev_block(secret: &str, listen: SocketAddr, now: u64, tls: bool) -> String {
     let mint = |role: &str, sub: &str, cluster: Option<&str>, clusters: Option<Vec<String>>| {
         let spec = TokenSpec {
             role: role.to_string(),
@@ -275,11 +314,26 @@ pub fn dev_block(secret: &str, listen: SocketAddr, now: u64) -> String {
         "claims:        agent sub={DEV_AGENT} cluster={DEV_CLUSTER}; user sub={DEV_USER} \
          clusters=[{DEV_CLUSTER}]; service sub={DEV_SERVICE}"
     );
-    let _ = writeln!(
-        out,
-        "try:           (echo '{auth}'; cat) | websocat ws://{}/ws/agent",
-        connect_addr(listen)
-    );
+    let addr = connect_addr(listen);
+    if tls {
+        // The generated certificate names localhost; -k accepts a self-signed one.
+        let _ = writeln!(
+            out,
+            "try:           (echo '{auth}'; cat) | websocat -k wss://localhost:{}/ws/agent",
+            addr.port()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "try:           (echo '{auth}'; cat) | websocat ws://{addr}/ws/agent"
+        );
+        let _ = writeln!(
+            out,
+            "wss:           arcgate cert --self-signed --out DIR, then add \
+             --tls-cert DIR/cert.pem --tls-key DIR/key.pem and use wss://localhost:{}",
+            addr.port()
+        );
+    }
     out
 }
 
@@ -386,7 +440,7 @@ mod tests {
     #[test]
     fn dev_block_tokens_verify_with_the_printed_secret() {
         let now = 1_700_000_000;
-        let block = dev_block("abc123", "0.0.0.0:8080".parse().unwrap(), now);
+        let block = dev_block("abc123", "0.0.0.0:8080".parse().unwrap(), now, false);
         let field = |label: &str| {
             let line = block.lines().find(|l| l.starts_with(label)).unwrap();
             line.split_whitespace().last().unwrap().to_string()
@@ -406,6 +460,19 @@ mod tests {
             "{try_line}"
         );
         assert!(try_line.contains(r#""machineId":"mch_dev""#), "{try_line}");
+        let wss = block.lines().find(|l| l.starts_with("wss:")).unwrap();
+        assert!(wss.contains("arcgate cert --self-signed"), "{wss}");
+    }
+
+    #[test]
+    fn dev_block_with_tls_tries_wss() {
+        let block = dev_block("abc123", "0.0.0.0:8443".parse().unwrap(), 1, true);
+        let try_line = block.lines().find(|l| l.starts_with("try:")).unwrap();
+        assert!(
+            try_line.ends_with("websocat -k wss://localhost:8443/ws/agent"),
+            "{try_line}"
+        );
+        assert!(!block.contains("ws://"), "{block}");
     }
 
     #[test]

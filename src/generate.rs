@@ -80,6 +80,7 @@ mod tests {
             "arcgate-serve.1",
             "arcgate-token.1",
             "arcgate-check-config.1",
+            "arcgate-cert.1",
             "arcgate.bash",
             "_arcgate",
             "arcgate.fish",

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod conn;
 pub mod hub;

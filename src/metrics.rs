@@ -294,6 +294,7 @@ pub struct ProcessFacts {
     pub revocations: u64,
     /// Admin HTTP connections open.
     pub admin_connections: u64,
+    pub tls: crate::certs::TlsStatus,
 }
 
 /// The numbers of one scrape, summed over workers; encodes itself as metric families.
@@ -441,6 +442,7 @@ impl Collector for Snapshot {
             None,
             i64::from(f.draining),
         )?;
+        self.encode_tls(&mut e)?;
         self.encode_connections(&mut e)?;
         self.encode_traffic(&mut e)?;
         self.encode_commands(&mut e)?;
@@ -449,6 +451,27 @@ impl Collector for Snapshot {
 }
 
 impl Snapshot {
+    fn encode_tls(&self, e: &mut DescriptorEncoder) -> Fmt {
+        let tls = &self.facts.tls;
+        let mut m = e.encode_descriptor(
+            "tls_info",
+            "TLS mode of the WebSocket listener: off or rustls (always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1i64).encode(m.encode_family(&[("mode", tls.mode)])?)?;
+        match tls.cert_expiry_unix {
+            Some(at) => gauge(
+                e,
+                "tls_cert_expiry",
+                "Unix time the certificate in use expires (notAfter)",
+                Some(Unit::Seconds),
+                at,
+            ),
+            None => Ok(()),
+        }
+    }
+
     fn encode_connections(&self, e: &mut DescriptorEncoder) -> Fmt {
         let f = &self.facts;
         let conns = self.connections.map(|v| v as i64);
@@ -836,6 +859,11 @@ mod tests {
             inbox_depth: vec![3, 0],
             revocations: 2,
             admin_connections: 1,
+            tls: crate::certs::TlsStatus {
+                mode: "rustls",
+                cert_file: None,
+                cert_expiry_unix: Some(1_800_000_000),
+            },
         }
     }
 
@@ -908,6 +936,8 @@ mod tests {
         assert_eq!(get("arcgate_draining"), 1.0);
         assert_eq!(get("arcgate_tcp_connections"), 7.0);
         assert_eq!(get("arcgate_revocations"), 2.0);
+        assert_eq!(get(r#"arcgate_tls_info{mode="rustls"}"#), 1.0);
+        assert_eq!(get("arcgate_tls_cert_expiry_seconds"), 1_800_000_000.0);
     }
 
     #[test]

@@ -13,9 +13,10 @@ use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
 use crate::auth::{Revocations, Verifier};
+use crate::certs::{self, CertStore};
 use crate::config::{Config, IoMode, ServeArgs};
 use crate::hub::{Hub, Shared};
-use crate::io::{self, listener, uring, Backend, Conns, Notifier};
+use crate::io::{self, listener, tls, uring, Backend, Conns, Notifier};
 use crate::protocol::handshake::Policy;
 use crate::protocol::session::{Limits, AGENT_PATH, CLIENT_PATH};
 use crate::systemd;
@@ -178,6 +179,9 @@ impl Control {
     /// SIGHUP: reads the configuration again and applies the keys, limits and log level;
     /// a configuration that does not validate is refused and the running one stays.
     fn reload(&self) {
+        if let Some(store) = &self.env.tls {
+            store.reload("SIGHUP");
+        }
         let Some(args) = &self.args else {
             tracing::warn!("SIGHUP ignored: this gateway was not started from a command line");
             return;
@@ -308,6 +312,21 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     let nofile = raise_nofile_limit();
     let revocations = Arc::new(Revocations::default());
     let settings = settings(&config, &revocations)?;
+    let cert_store = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            CertStore::load(cert.into(), key.into())
+                .map_err(|e| anyhow!("TLS certificate refused: {e}"))?,
+        )),
+        _ => None,
+    };
+    let tls_config = match &cert_store {
+        Some(store) => Some(
+            store
+                .server_config()
+                .map_err(|e| anyhow!("TLS setup: {e}"))?,
+        ),
+        None => None,
+    };
     let workers = config.workers.max(1);
     let per_worker = nofile.saturating_sub(FD_RESERVE).max(1);
     let table = uring::file_table_size(per_worker, nofile);
@@ -342,8 +361,12 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         revocations,
         inboxes: Inboxes::new(notifiers.clone()),
         max_pending_handshakes: config.max_pending_handshakes,
+        tls: cert_store.clone(),
     });
     let shared = Arc::new(Shared::new(workers));
+    if let Some(store) = &cert_store {
+        certs::spawn_watcher(store.clone())?;
+    }
 
     let admin = Arc::new(Admin::new(
         env.clone(),
@@ -367,12 +390,14 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         let notifier = notifiers[index].clone();
         let max_outbound = config.max_outbound_bytes;
         let shared = shared.clone();
+        let tls_config = tls_config.clone();
         let thread = std::thread::Builder::new()
             .name(format!("arcgate-w{index}"))
             .stack_size(8 << 20)
             .spawn(move || -> anyhow::Result<()> {
                 pin_to_core(index);
                 let mut worker = Worker::new(env, hub);
+                let mut worker = tls::Layer::new(&mut worker, tls_config);
                 let mut conns = Conns::new(max_outbound);
                 let metrics = &shared.metrics;
                 // The loop is set up: the start need not wait for its first turn.
@@ -409,6 +434,7 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         admin = %admin_addr,
         socket_activated,
         backend = backend.as_str(),
+        tls = certs::status(cert_store.as_deref()).mode,
         workers,
         max_connections,
         "arcgate is listening"

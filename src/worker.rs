@@ -174,6 +174,8 @@ pub struct Env {
     pub inboxes: Inboxes,
     /// Connections of one worker still sending their request head, at most.
     pub max_pending_handshakes: usize,
+    /// The listener's certificate when it speaks TLS.
+    pub tls: Option<Arc<crate::certs::CertStore>>,
 }
 
 impl Env {

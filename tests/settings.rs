@@ -148,6 +148,10 @@ fn every_setting_is_read_from_its_variable() {
                 err.contains("jwt_secret and jwt_public_key"),
                 "{var}: {err}"
             ),
+            "tls_cert" | "tls_key" => assert!(
+                err.contains("tls_cert and tls_key go together"),
+                "{var}: {err}"
+            ),
             "jwt_issuer" | "jwt_audience" => {
                 let text = stdout(&out);
                 assert!(

@@ -54,6 +54,12 @@ pub struct Common {
         default_value = "ws://127.0.0.1:8080"
     )]
     pub url: Vec<String>,
+    /// wss://: PEM certificates to trust (the gateway's own, for a self-signed one)
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// wss://: accept any certificate (tests only)
+    #[arg(long)]
+    pub insecure: bool,
     /// HS256 secret to mint tokens with (the gateway's --jwt-secret)
     #[arg(long, env = "ARCGATE_JWT_SECRET", hide_env_values = true)]
     pub secret: String,
@@ -225,14 +231,17 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// Host header, socket address and base path of a `ws://` URL.
-fn resolve(url: &str) -> Result<Target, String> {
-    if url.starts_with("wss://") {
-        return Err("wss:// is not supported: point --url at a ws:// listener".into());
-    }
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("--url {url:?}: expected ws://HOST:PORT"))?;
+/// Host header, socket address, base path and TLS settings of a `ws://` or `wss://` URL.
+fn resolve(url: &str, c: &Common) -> Result<Target, String> {
+    let (rest, wss) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => {
+            return Err(format!(
+                "--url {url:?}: expected ws://HOST:PORT or wss://HOST:PORT"
+            ))
+        }
+    };
     let (authority, path) = match rest.find('/') {
         Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
         None => (rest, ""),
@@ -244,26 +253,47 @@ fn resolve(url: &str) -> Result<Target, String> {
     {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{}", if wss { 443 } else { 80 })
     };
     let addr = with_port
         .to_socket_addrs()
         .map_err(|e| format!("--url {url:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("--url {url:?}: no address"))?;
+    let tls = wss.then(|| crate::tls::TlsPlan {
+        server_name: host_of(authority),
+        ca_file: c.ca_file.clone(),
+        insecure: c.insecure,
+    });
+    if let Some(tls) = &tls {
+        // Checked here so that a bad file is reported before any worker starts.
+        crate::tls::Connector::new(tls)?;
+    }
     Ok(Target {
         url: url.to_string(),
         addr,
         host: authority.to_string(),
         base_path: path.to_string(),
+        tls,
     })
+}
+
+/// The host of an authority (`name:port`, `[v6]:port`), as the certificate names it.
+fn host_of(authority: &str) -> String {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && !authority.ends_with(']') => h,
+        _ => authority,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 fn base(scenario: Scenario, c: &Common) -> Result<Plan, String> {
     let targets = c
         .url
         .iter()
-        .map(|u| resolve(u.trim()))
+        .map(|u| resolve(u.trim(), c))
         .collect::<Result<Vec<_>, _>>()?;
     if targets.is_empty() {
         return Err("--url: at least one gateway URL is needed".into());
@@ -405,17 +435,36 @@ mod tests {
         cli.command.plan().map(|p| p.expect("a scenario").0)
     }
 
+    /// The common options of a plan made from `args`.
+    fn common(args: &[&str]) -> Common {
+        let mut v = vec!["arcgate-load", "connect", "--secret", "s"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Connect(a) => a.common,
+            _ => unreachable!("a connect command"),
+        }
+    }
+
     #[test]
     fn urls_resolve_with_base_paths() {
-        let t = resolve("ws://127.0.0.1:9001/").unwrap();
+        let c = common(&[]);
+        let t = resolve("ws://127.0.0.1:9001/", &c).unwrap();
         assert_eq!(
-            (t.host.as_str(), t.addr.port(), t.base_path.as_str()),
-            ("127.0.0.1:9001", 9001, "")
+            (
+                t.host.as_str(),
+                t.addr.port(),
+                t.base_path.as_str(),
+                t.tls.is_none()
+            ),
+            ("127.0.0.1:9001", 9001, "", true)
         );
-        let t = resolve("ws://localhost:7/gw").unwrap();
+        let t = resolve("ws://localhost:7/gw", &c).unwrap();
         assert_eq!((t.addr.port(), t.base_path.as_str()), (7, "/gw"));
-        assert!(resolve("wss://x:1").is_err());
-        assert!(resolve("http://x:1").is_err());
+        let t = resolve("wss://localhost", &common(&["--insecure"])).unwrap();
+        let name = t.tls.map(|tls| tls.server_name);
+        assert_eq!((name.as_deref(), t.addr.port()), (Some("localhost"), 443));
+        assert_eq!(host_of("[::1]:8443"), "::1");
+        assert!(resolve("http://x:1", &c).is_err());
     }
 
     #[test]
@@ -446,6 +495,28 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("http://x:2"), "{e}");
+    }
+
+    #[test]
+    fn wss_needs_a_ca_file_or_insecure() {
+        let err = plan(&["connect", "--secret", "s", "--url", "wss://localhost:1"]).unwrap_err();
+        assert!(err.contains("--ca-file"), "{err}");
+        let args = [
+            "connect",
+            "--secret",
+            "s",
+            "--url",
+            "wss://localhost:1,ws://127.0.0.1:2,wss://127.0.0.1:3",
+            "--insecure",
+        ];
+        let p = plan(&args).unwrap();
+        let names: Vec<Option<&str>> = p
+            .targets
+            .iter()
+            .map(|t| t.tls.as_ref().map(|tls| tls.server_name.as_str()))
+            .collect();
+        assert_eq!(names, [Some("localhost"), None, Some("127.0.0.1")]);
+        assert!(p.targets.iter().flat_map(|t| &t.tls).all(|t| t.insecure));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod net;
 mod plan;
 mod report;
 mod stats;
+mod tls;
 mod util;
 mod ws;
 

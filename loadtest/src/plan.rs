@@ -139,6 +139,9 @@ pub struct Target {
     pub host: String,
     /// The base path before `/ws/agent` and `/ws/client` (usually empty).
     pub base_path: String,
+    /// wss://: how the certificate is verified.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsPlan>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -354,7 +354,10 @@ pub fn build(
         target: plan
             .targets
             .iter()
-            .map(|t| format!("ws://{}{}", t.host, t.base_path))
+            .map(|t| {
+                let scheme = if t.tls.is_some() { "wss" } else { "ws" };
+                format!("{scheme}://{}{}", t.host, t.base_path)
+            })
             .collect::<Vec<_>>()
             .join(","),
         run_id: plan.run_id.clone(),

@@ -535,3 +535,76 @@ fn refusals_sent_before_the_request_are_read_and_retried() {
     assert!(failures.get("timeout").is_none(), "{failures}");
     assert_eq!(n(&r, "/connections/agents/ready_at_end"), 300);
 }
+
+#[test]
+fn fanout_over_wss_loses_nothing() {
+    let dir = common::scratch("wss-cert");
+    let out = std::process::Command::new(common::gateway_bin())
+        .args(["cert", "--self-signed", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("arcgate cert");
+    assert!(out.status.success(), "{out:?}");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let gw = Gateway::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--rate-limit",
+        "0",
+    ]);
+    let url = format!("wss://localhost:{}", gw.port);
+    let ca = cert.to_str().unwrap();
+    let args = [
+        "fanout",
+        "--clients",
+        "8",
+        "--agents",
+        "3",
+        "--rate",
+        "0",
+        "--in-flight",
+        "8",
+        "--duration",
+        "2s",
+        "--ca-file",
+        ca,
+    ];
+    let r = load("wss-fanout", &url, SECRET, &args).report;
+    assert_eq!(r["target"], url.as_str());
+    let sent = n(&r, "/deliveries/events_sent");
+    assert!(sent > 0);
+    assert_eq!(n(&r, "/deliveries/received"), sent * 8);
+    assert_eq!(n(&r, "/lost"), 0);
+    assert_eq!(n(&r, "/errors/total"), 0);
+    // The same gateway refuses a client that trusts nothing it serves.
+    let other = common::scratch("wss-other");
+    let out = std::process::Command::new(common::gateway_bin())
+        .args(["cert", "--self-signed", "--out"])
+        .arg(&other)
+        .output()
+        .expect("arcgate cert");
+    assert!(out.status.success());
+    let wrong_ca = other.join("cert.pem");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arcgate-load"))
+        .args([
+            "connect",
+            "--agents",
+            "2",
+            "--duration",
+            "1s",
+            "--timeout",
+            "2s",
+        ])
+        .args(["--setup-timeout", "3s"])
+        .args(["--url", &url, "--secret", SECRET, "--quiet", "--ca-file"])
+        .arg(&wrong_ca)
+        .output()
+        .expect("run arcgate-load");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("0/2"), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(other);
+}

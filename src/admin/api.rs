@@ -163,6 +163,7 @@ fn scrape(admin: &Admin, accept: Option<&str>) -> Response {
         inbox_depth: admin.env.inboxes.depths(),
         revocations: admin.env.revocations.len() as u64,
         admin_connections: admin.connections() as u64,
+        tls: crate::certs::status(admin.env.tls.as_deref()),
     };
     let format = Format::from_accept(accept);
     let text = metrics::render(&shared.metrics, facts, format);

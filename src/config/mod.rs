@@ -70,6 +70,15 @@ settings! {
     /// /healthz, /readyz, /metrics and /v1/*. Health and metrics need no token: keep it on
     /// a private address.
     admin_listen: SocketAddr = addr([127, 0, 0, 1], 9090), Addr, reload: No;
+    /// PEM certificate chain for wss:// on the WebSocket listener (with tls_key)
+    /// End entity first. Both tls_cert and tls_key, or neither (plain ws://). The files are
+    /// re-read on SIGHUP and when they change; other paths take a restart. A relative path
+    /// in this file is relative to the file.
+    tls_cert: Option<String> = None, Unset(File("PEM_FILE")), reload: No,
+        unset: "plain ws://", example: r#""/etc/arcgate/tls/fullchain.pem""#;
+    /// PEM private key of tls_cert: PKCS#8, RSA or SEC1
+    tls_key: Option<String> = None, Unset(File("PEM_FILE")), reload: No,
+        unset: "plain ws://", example: r#""/etc/arcgate/tls/privkey.pem""#;
 
     #[section = "Tokens"]
     /// HS256 shared secret for tokens
@@ -211,6 +220,7 @@ impl Config {
         config.key = fields.key();
         fields.check(&config);
         fields.check_key(&config);
+        fields.check_tls(&config);
         match fields.errors.is_empty() {
             true => Ok(config),
             false => Err(ConfigError(fields.errors)),
@@ -379,6 +389,23 @@ impl Fields<'_> {
                         .push(format!("invalid jwt_public_key {path:?}: {e}"));
                 }
             }
+        }
+    }
+
+    /// Loads the TLS pair once to refuse a missing, malformed or mismatched one now.
+    fn check_tls(&mut self, c: &Config) {
+        match (&c.tls_cert, &c.tls_key) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::certs::CertStore::load(cert.into(), key.into()) {
+                    self.errors.push(format!("TLS certificate refused: {e}"));
+                }
+            }
+            (None, None) => {}
+            _ => self.errors.push(
+                "tls_cert and tls_key go together: give both (PEM chain and its key) \
+                 or neither (plain ws://)"
+                    .to_string(),
+            ),
         }
     }
 

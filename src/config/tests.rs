@@ -555,6 +555,24 @@ fn every_text_key_is_a_flag_and_a_field() {
 }
 
 #[test]
+fn tls_needs_both_files_and_names_the_bad_one() {
+    let half = one_error(ServeArgs {
+        tls_cert: Some("/nonexistent/cert.pem".into()),
+        ..with_secret()
+    });
+    assert!(half.contains("tls_cert and tls_key go together"), "{half}");
+    let missing = one_error(ServeArgs {
+        tls_cert: Some("/nonexistent/cert.pem".into()),
+        tls_key: Some("/nonexistent/key.pem".into()),
+        ..with_secret()
+    });
+    assert!(
+        missing.contains("/nonexistent/cert.pem: cannot read"),
+        "{missing}"
+    );
+}
+
+#[test]
 fn restart_only_settings_come_from_the_table() {
     let restart: Vec<&str> = settings()
         .iter()
@@ -564,6 +582,8 @@ fn restart_only_settings_come_from_the_table() {
     let expected = [
         "listen",
         "admin_listen",
+        "tls_cert",
+        "tls_key",
         "max_connections",
         "max_connection_rate",
         "max_outbound_bytes",
@@ -575,9 +595,13 @@ fn restart_only_settings_come_from_the_table() {
     assert_eq!(restart, expected);
     // Changing every setting at once names exactly the restart-only ones.
     let old = Config::load(with_secret()).unwrap();
+    let dir = temp_file("restart-only", "").with_file_name("tls");
+    let (cert, key) = crate::certs::selfsigned::write_localhost(&dir).unwrap();
     let changed = ServeArgs {
         listen: Some("127.0.0.1:1".into()),
         admin_listen: Some("127.0.0.1:2".into()),
+        tls_cert: Some(cert.to_string_lossy().into()),
+        tls_key: Some(key.to_string_lossy().into()),
         jwt_secret: Some("another-secret-another-secret-0123".into()),
         jwt_leeway: Some("6s".into()),
         jwt_issuer: Some("i".into()),

@@ -44,7 +44,7 @@ pub(crate) struct OutQueue {
 }
 
 impl OutQueue {
-    fn push(&mut self, frame: Bytes) {
+    pub(crate) fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);
     }
@@ -69,7 +69,7 @@ impl OutQueue {
 
     /// Bytes counted against the outbound bound: the unwritten bytes plus each frame's
     /// overhead.
-    fn cost(&self) -> usize {
+    pub(crate) fn cost(&self) -> usize {
         self.bytes + self.frames.len() * FRAME_OVERHEAD
     }
 
@@ -113,6 +113,11 @@ impl OutQueue {
         *self = OutQueue::default();
     }
 
+    /// Empties the queue, handing over its frames (none of them started).
+    pub(crate) fn take_frames(&mut self) -> VecDeque<Bytes> {
+        std::mem::take(self).frames
+    }
+
     /// Drops every frame not started yet. Kept whole: the frames a send in flight points
     /// into (`sending`), and a frame already partly written, since cutting it would
     /// leave the peer a stream it cannot parse.
@@ -153,6 +158,8 @@ pub(crate) struct Slot {
     pub recv_armed: bool,
     pub shutting: bool,
     pub close_sent: bool,
+    /// TLS on this connection: `out` then holds the frames until they are sealed.
+    pub(crate) tls: Option<Box<super::tls::Tls>>,
 }
 
 /// All connections of one worker.
@@ -203,11 +210,13 @@ impl Conns {
             return false;
         };
         if latest {
-            slot.out.push_latest(frame, slot.sending);
+            // With TLS no send points into the frames (they are sealed into records).
+            slot.out
+                .push_latest(frame, slot.sending && slot.tls.is_none());
         } else {
             slot.out.push(frame);
         }
-        let over = slot.out.cost() > max && !slot.overflowed;
+        let over = slot.cost() > max && !slot.overflowed;
         if over {
             slot.overflowed = true;
         }
@@ -244,7 +253,8 @@ impl Conns {
     /// what is queued next, such as a close frame, follows right after.
     pub fn discard_queued(&mut self, id: ConnId) {
         if let Some(slot) = self.open_slot(id) {
-            slot.out.discard_unsent(slot.sending);
+            // With TLS no send points into the frames (they are sealed into records).
+            slot.out.discard_unsent(slot.sending && slot.tls.is_none());
         }
     }
 
@@ -264,7 +274,7 @@ impl Conns {
 
     /// Bytes queued and not yet written to `id`.
     pub fn queued_bytes(&self, id: ConnId) -> usize {
-        self.get(id).map_or(0, |s| s.out.bytes)
+        self.get(id).map_or(0, Slot::queued)
     }
 
     fn open_slot(&mut self, id: ConnId) -> Option<&mut Slot> {
@@ -286,6 +296,7 @@ impl Conns {
             recv_armed: false,
             shutting: false,
             close_sent: false,
+            tls: None,
         };
         if let Some(i) = self.free.pop() {
             let slot = &mut self.slots[i as usize];
@@ -343,6 +354,7 @@ impl Conns {
         if let Some(slot) = self.get_mut(id) {
             slot.state = State::Free;
             slot.out.clear();
+            slot.tls = None;
             slot.fd = -1;
             self.live -= 1;
             self.free.push(id.slot);

@@ -87,7 +87,7 @@ impl EpollLoop {
                         if readable {
                             self.read(conns, handler, id, now);
                         }
-                        if writable && conns.get(id).is_some_and(|s| !s.out.is_empty()) {
+                        if writable && conns.get(id).is_some_and(|s| s.unsent()) {
                             conns.mark_dirty(id);
                         }
                     }
@@ -223,9 +223,10 @@ impl EpollLoop {
         if !matches!(s.state, State::Open | State::Flushing) {
             return true;
         }
-        while !s.out.is_empty() {
+        s.seal();
+        while !s.wire().is_empty() {
             self.iov.clear();
-            s.out.iovecs(&mut self.iov, MAX_IOVECS);
+            s.wire().iovecs(&mut self.iov, MAX_IOVECS);
             // SAFETY: an all-zero msghdr is valid; iov points at live frames.
             let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
             hdr.msg_iov = self.iov.as_mut_ptr();
@@ -240,7 +241,7 @@ impl EpollLoop {
                     _ => return false,
                 }
             }
-            s.out.advance(n as usize);
+            s.wire().advance(n as usize);
         }
         if s.state == State::Flushing {
             s.state = State::Lingering;

@@ -5,6 +5,7 @@ pub mod conns;
 pub mod epoll;
 pub mod listener;
 pub mod notify;
+pub mod tls;
 pub mod uring;
 
 use std::net::TcpListener;

@@ -440,8 +440,8 @@ impl UringLoop {
                     State::Teardown => self.close_when_idle(conns, id),
                     _ if res < 0 => self.teardown(conns, id),
                     _ => {
-                        s.out.advance(res as usize);
-                        if !s.out.is_empty() || s.state == State::Flushing {
+                        s.wire().advance(res as usize);
+                        if s.unsent() || s.state == State::Flushing {
                             conns.mark_dirty(id);
                         }
                     }
@@ -561,7 +561,8 @@ impl UringLoop {
             if s.sending || !matches!(s.state, State::Open | State::Flushing) {
                 continue;
             }
-            if s.out.is_empty() {
+            s.seal();
+            if s.wire().is_empty() {
                 if s.state == State::Flushing {
                     s.state = State::Lingering;
                     s.shutting = true;
@@ -582,7 +583,7 @@ impl UringLoop {
                 })
             });
             op.iov.clear();
-            s.out.iovecs(&mut op.iov, MAX_IOVECS);
+            s.wire().iovecs(&mut op.iov, MAX_IOVECS);
             op.hdr.msg_iov = op.iov.as_mut_ptr();
             op.hdr.msg_iovlen = op.iov.len();
             s.sending = true;

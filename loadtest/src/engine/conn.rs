@@ -3,10 +3,9 @@
 
 use std::collections::VecDeque;
 
-use arcgate::protocol::codec::Decoder;
-use mio::net::TcpStream;
-
 use crate::msg::IdMap;
+use crate::tls::Stream;
+use arcgate::protocol::codec::Decoder;
 
 use super::reconnect::BACKOFF_MIN_MS;
 
@@ -61,7 +60,7 @@ pub(super) struct Conn {
     pub(super) left: Option<u32>,
     /// Bumped whenever the socket goes: stale timers carry an older value.
     pub(super) gen: u32,
-    pub(super) sock: Option<TcpStream>,
+    pub(super) sock: Option<Stream>,
     pub(super) head: Vec<u8>,
     pub(super) dec: Decoder,
     pub(super) wbuf: Vec<u8>,

@@ -7,6 +7,7 @@ use mio::{Interest, Token};
 
 use crate::net;
 use crate::stats::C;
+use crate::tls::Stream;
 use crate::util::mono_ns;
 use crate::ws::{self, Upgrade};
 
@@ -51,8 +52,10 @@ impl Engine {
     pub(super) fn start_attempt(&mut self, i: usize, now: u64) {
         self.c.inc(C::Attempts);
         let src = self.next_src();
-        let addr = self.plan.targets[self.conns[i].url as usize].addr;
-        let mut sock = match net::connect(src, addr) {
+        let url = self.conns[i].url as usize;
+        let connected = net::connect(src, self.plan.targets[url].addr);
+        let connector = self.connectors[url].as_ref();
+        let mut sock = match connected.and_then(|s| Stream::new(s, connector)) {
             Ok(s) => s,
             Err(e) => {
                 let cause = net::cause(&e);

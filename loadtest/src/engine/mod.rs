@@ -34,6 +34,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::msg::RelayReader;
 use crate::plan::{Plan, HISTS};
 use crate::stats::{Counters, Lat, StormSeen, Tally};
+use crate::tls::Connector;
 use crate::util::{mono_ns, Rng};
 
 use conn::{Conn, Role, State};
@@ -75,6 +76,8 @@ enum Phase {
 pub struct Engine {
     plan: Plan,
     poll: Poll,
+    /// wss://: the TLS client configuration of each target (`None` for ws://).
+    connectors: Vec<Option<Connector>>,
     conns: Vec<Conn>,
     /// Index of the first agent in `conns` (users and the service come first).
     agent_base: usize,
@@ -166,8 +169,15 @@ impl Engine {
             conns.push(conn);
         }
         let clusters = plan.clusters.max(1) as usize;
+        let connectors = plan
+            .targets
+            .iter()
+            .map(|t| t.tls.as_ref().map(Connector::new).transpose())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io::Error::other)?;
         Ok(Engine {
             poll,
+            connectors,
             conns,
             agent_base,
             timers: BinaryHeap::new(),

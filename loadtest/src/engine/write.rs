@@ -88,6 +88,14 @@ impl Engine {
         if conn.state == State::Connecting {
             return;
         }
+        // wss://: TLS records the socket did not take last time.
+        if let Err(e) = sock.flush() {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                let cause = net::cause(&e);
+                return self.drop_conn(i, &cause, None, now);
+            }
+            return;
+        }
         while conn.wpos < conn.wbuf.len() {
             match sock.write(&conn.wbuf[conn.wpos..]) {
                 Ok(n) => conn.wpos += n,
