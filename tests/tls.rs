@@ -411,3 +411,50 @@ fn cert_command_writes_a_pair_the_gateway_accepts() {
     assert_eq!(mode & 0o077, 0, "the key is readable by others: {mode:o}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The notAfter `/v1/status` gives, once it is `days` days away (a reload may still be on
+/// its way).
+async fn status_expiry(gw: &Gateway, days: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let resp = gw.admin_request("GET", "/v1/status", None, None).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let tls = resp.json()["tls"].clone();
+        let due = (now_s() + days * 86_400) as i64;
+        let near = tls["cert_expiry"]
+            .as_i64()
+            .is_some_and(|at| (at - due).abs() <= 86_400);
+        if near || std::time::Instant::now() >= deadline {
+            return tls;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn status_shows_the_tls_mode_and_the_certificate_expiry() {
+    let dir = temp_dir("status");
+    let (cert, key, _) = pair_in(&dir);
+    let gw = start_tls("epoll", &cert, &key).await;
+    let tls = status_expiry(&gw, 30).await;
+    assert_eq!(tls["mode"], "rustls", "{tls}");
+    let at = tls["cert_expiry"].as_i64().unwrap();
+    let in_30_days = (now_s() + 30 * 86_400) as i64;
+    assert!((at - in_30_days).abs() <= 86_400, "{tls}");
+    // The same notAfter as the metric, to the second (the pair ends at midnight UTC).
+    assert_eq!(at % 86_400, 0, "{tls}");
+    let metrics = String::from_utf8(gw.admin_get("/metrics").await.body).unwrap();
+    let expiry = metric(&metrics, "arcgate_tls_cert_expiry_seconds");
+    assert_eq!(expiry, Some(at as f64), "{metrics}");
+
+    // After a reload, the certificate in use.
+    let longer = arcgate::certs::selfsigned::generate(&["localhost"], 60).unwrap();
+    std::fs::write(&key, &longer.key_pem).unwrap();
+    std::fs::write(&cert, &longer.cert_pem).unwrap();
+    gw.signal(libc::SIGHUP);
+    let tls = status_expiry(&gw, 60).await;
+    let in_60_days = (now_s() + 60 * 86_400) as i64;
+    let at = tls["cert_expiry"].as_i64().unwrap();
+    assert!((at - in_60_days).abs() <= 86_400, "{tls}\n{}", gw.log());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -109,7 +109,7 @@ pub fn document(admin: &Admin, query: &str) -> Response {
             "outcomes": labelled(&OUTCOMES, live.commands.iter().map(|&n| json!(n))),
         },
         "worker_busy": rates.busy,
-        "tls": {"mode": "off", "cert_expiry": null},
+        "tls": tls_json(&crate::certs::status(admin.env.tls.as_deref())),
         "bus": {"state": "off"},
         "nodes": [{
             "id": node,
@@ -121,6 +121,11 @@ pub fn document(admin: &Admin, query: &str) -> Response {
         "history": history_json(&history),
     });
     Response::json(200, doc.to_string()).with_header("Cache-Control", "no-store")
+}
+
+/// The listener's TLS mode and the certificate's notAfter (Unix seconds; `null` without TLS).
+fn tls_json(tls: &crate::certs::TlsStatus) -> Value {
+    json!({"mode": tls.mode, "cert_expiry": tls.cert_expiry_unix})
 }
 
 fn labelled(names: &[&str], values: impl Iterator<Item = Value>) -> Value {
