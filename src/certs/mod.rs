@@ -1,7 +1,7 @@
 //! The TLS certificate of the WebSocket listener: loading and checking the PEM pair,
 //! the rustls server configuration, reloads (SIGHUP and file changes) and its status.
 
-mod der;
+mod expiry;
 pub mod pair;
 pub mod selfsigned;
 mod watch;
@@ -136,7 +136,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let at = super::der::not_after(&der).unwrap();
+        let at = super::expiry::not_after(&der).unwrap();
         // Midnight UTC of the day 30 days from today.
         assert!(
             (now + 29 * 86_400..=now + 30 * 86_400).contains(&at),

@@ -33,7 +33,7 @@ pub fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Pair, 
             cert.display()
         ));
     }
-    let not_after = super::der::not_after(&chain[0]).ok_or_else(|| {
+    let not_after = super::expiry::not_after(&chain[0]).ok_or_else(|| {
         format!(
             "{}: the first certificate is not a valid X.509 certificate",
             cert.display()

@@ -16,15 +16,9 @@ pub fn generate(names: &[&str], days: u32) -> Result<SelfSigned, String> {
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "arcgate self-signed");
-    let today = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let date = |days: i64| {
-        let (y, m, d) = super::der::civil_from_days(days);
-        rcgen::date_time_ymd(y as i32, m, d)
-    };
-    params.not_before = date(today - 1);
-    params.not_after = date(today + i64::from(days));
+    let today = time::OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+    params.not_before = today - time::Duration::days(1);
+    params.not_after = today + time::Duration::days(days.into());
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     Ok(SelfSigned {
