@@ -39,8 +39,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The gateway's base URL (/ws/agent and /ws/client are appended); repeat it or separate
-    /// with commas for several gateways
+    /// The gateway's base URL, ws:// or wss:// (/ws/agent and /ws/client are appended);
+    /// repeat it or separate with commas for several gateways
     ///
     /// With several URLs (the nodes of one fleet), agents, users and service clients are
     /// spread over them round-robin by their number, and a connection whose gateway is gone

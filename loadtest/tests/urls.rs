@@ -1,9 +1,10 @@
-//! Several gateways behind one load generator: connections spread over the URLs evenly, and
-//! the connections of a gateway killed mid-run come back on the other one.
+//! Several gateways behind one load generator: connections spread over the URLs evenly, the
+//! connections of a gateway killed mid-run come back on the other one, and wss:// and ws://
+//! URLs mix.
 
 mod common;
 
-use common::{load, n, wait_for, Gateway, SECRET};
+use common::{gateway_bin, load, n, scratch, wait_for, Gateway, SECRET};
 
 #[test]
 fn connections_spread_over_urls_and_leave_a_killed_gateway() {
@@ -77,4 +78,63 @@ fn connections_spread_over_urls_and_leave_a_killed_gateway() {
     assert_eq!(n(&r, "/connections/agents/stopped"), 0);
     // Each of A's 13 connections was lost once, and nothing else was.
     assert_eq!(n(&r, "/totals/disconnects"), 13, "{:#}", r["errors"]);
+}
+
+#[test]
+fn wss_and_ws_urls_mix_each_with_its_own_tls() {
+    let dir = scratch("urls-wss");
+    let out = std::process::Command::new(gateway_bin())
+        .args(["cert", "--self-signed", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("arcgate cert");
+    assert!(out.status.success(), "{out:?}");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (a, b, c) = (
+        Gateway::start(&tls),
+        Gateway::start(&[]),
+        Gateway::start(&tls),
+    );
+    let wss = |gw: &Gateway| format!("wss://localhost:{}", gw.port);
+    let urls = format!("{},{},{}", wss(&a), b.url(), wss(&c));
+    let accepted = |gw: &Gateway| gw.metric("arcgate_connections_accepted_total");
+    let before = [&a, &b, &c].map(accepted);
+    let r = load(
+        "urls-wss",
+        &urls,
+        SECRET,
+        &[
+            "connect",
+            "--agents",
+            "6",
+            "--duration",
+            "1s",
+            "--ca-file",
+            cert.to_str().unwrap(),
+        ],
+    )
+    .report;
+    assert_eq!(r["target"], urls.as_str());
+    for (i, gw) in [&a, &b, &c].into_iter().enumerate() {
+        assert_eq!(
+            n(&r["urls"][i], "/agents/ready_at_end"),
+            2,
+            "{:#}",
+            r["urls"]
+        );
+        assert_eq!(accepted(gw) - before[i], 2.0, "gateway {i}");
+        let mode = if i == 1 { "off" } else { "rustls" };
+        assert_eq!(
+            gw.metric(&format!("arcgate_tls_info{{mode=\"{mode}\"}}")),
+            1.0
+        );
+    }
+    assert_eq!(n(&r, "/errors/total"), 0, "{:#}", r["errors"]);
+    let _ = std::fs::remove_dir_all(dir);
 }
