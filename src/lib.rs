@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod hub;

@@ -13,6 +13,7 @@ use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
 use crate::auth::{Revocations, Verifier};
+use crate::bus::{Bus, BusConfig, Deliver, Inbound};
 use crate::config::{Config, IoMode, ServeArgs};
 use crate::hub::{Hub, Shared};
 use crate::io::{self, listener, uring, Backend, Conns, Notifier};
@@ -152,6 +153,14 @@ pub fn settings(config: &Config, revocations: &Arc<Revocations>) -> anyhow::Resu
         command_timeout: config.command_timeout,
         drain_duration: config.drain_duration,
     })
+}
+
+/// Where the bus hands what arrives until the hub takes it: nothing subscribes to events
+/// yet, and the bus logs and counts its peers itself.
+struct Unrouted;
+
+impl Deliver for Unrouted {
+    fn deliver(&self, _: Inbound) {}
 }
 
 /// What the signal and watchdog threads work with.
@@ -332,6 +341,16 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     };
     let admin_addr = admin_listener.local_addr()?;
 
+    // The bus first, so that the workers have it from their first turn.
+    let bus = match BusConfig::from_config(&config) {
+        Some(bus) => {
+            let node = bus.node_name.clone();
+            let bus = Bus::start(bus, Arc::new(Unrouted)).context("the bus (nats_url)")?;
+            tracing::info!(node, "bus started");
+            Some(bus)
+        }
+        None => None,
+    };
     let notifiers = (0..workers)
         .map(|_| Notifier::new().map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
@@ -342,6 +361,7 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         revocations,
         inboxes: Inboxes::new(notifiers.clone()),
         max_pending_handshakes: config.max_pending_handshakes,
+        bus: bus.as_ref().map(|b| b.link().clone()),
     });
     let shared = Arc::new(Shared::new(workers));
 
@@ -428,6 +448,9 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     }
     // Let admin answers already decided (503 to pending commands) reach their clients.
     admin.wait_idle(Duration::from_secs(1));
+    if let Some(bus) = bus {
+        bus.stop();
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }

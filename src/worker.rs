@@ -174,6 +174,8 @@ pub struct Env {
     pub inboxes: Inboxes,
     /// Connections of one worker still sending their request head, at most.
     pub max_pending_handshakes: usize,
+    /// The link to the other nodes, when `nats_url` is set.
+    pub bus: Option<Arc<crate::bus::Link>>,
 }
 
 impl Env {

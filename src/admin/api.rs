@@ -156,6 +156,7 @@ fn scrape(admin: &Admin, accept: Option<&str>) -> Response {
         inbox_depth: admin.env.inboxes.depths(),
         revocations: admin.env.revocations.len() as u64,
         admin_connections: admin.connections() as u64,
+        bus: admin.env.bus.as_ref().map(|link| link.snapshot()),
     };
     let format = Format::from_accept(accept);
     let text = metrics::render(&shared.metrics, facts, format);
