@@ -155,12 +155,32 @@ pub fn settings(config: &Config, revocations: &Arc<Revocations>) -> anyhow::Resu
     })
 }
 
-/// Where the bus hands what arrives until the hub takes it: nothing subscribes to events
-/// yet, and the bus logs and counts its peers itself.
-struct Unrouted;
+/// Where the bus hands what arrives: another node's event goes, as one `Deliver`, to each
+/// worker with clients (its hub gives it to the cluster's users there). Peer changes are
+/// logged and counted by the bus itself for now.
+struct ToWorkers {
+    inboxes: Arc<Inboxes>,
+    shared: Arc<Shared>,
+}
 
-impl Deliver for Unrouted {
-    fn deliver(&self, _: Inbound) {}
+impl Deliver for ToWorkers {
+    fn deliver(&self, msg: Inbound) {
+        let Inbound::Event { cluster, bytes } = msg else {
+            return;
+        };
+        let cluster: Arc<str> = cluster.into();
+        for (w, presence) in self.shared.workers.iter().enumerate() {
+            if presence.receives(false) {
+                let msg = crate::hub::Msg::Deliver {
+                    cluster: cluster.clone(),
+                    frame: bytes.clone(),
+                    services_only: false,
+                    remote: true,
+                };
+                self.inboxes.post(w as u16, msg);
+            }
+        }
+    }
 }
 
 /// What the signal and watchdog threads work with.
@@ -341,29 +361,36 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     };
     let admin_addr = admin_listener.local_addr()?;
 
-    // The bus first, so that the workers have it from their first turn.
+    let notifiers = (0..workers)
+        .map(|_| Notifier::new().map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let inboxes = Arc::new(Inboxes::new(notifiers.clone()));
+    let mut shared = Shared::new(workers);
+    shared.bus = config.nats_url.is_some();
+    let shared = Arc::new(shared);
+    // The bus before the workers, so that they have it from their first turn.
     let bus = match BusConfig::from_config(&config) {
         Some(bus) => {
             let node = bus.node_name.clone();
-            let bus = Bus::start(bus, Arc::new(Unrouted)).context("the bus (nats_url)")?;
+            let to_workers = Arc::new(ToWorkers {
+                inboxes: inboxes.clone(),
+                shared: shared.clone(),
+            });
+            let bus = Bus::start(bus, to_workers).context("the bus (nats_url)")?;
             tracing::info!(node, "bus started");
             Some(bus)
         }
         None => None,
     };
-    let notifiers = (0..workers)
-        .map(|_| Notifier::new().map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
     let env = Arc::new(Env {
         settings: std::sync::RwLock::new(Arc::new(settings)),
         admission: Admission::new(max_connections, config.max_connection_rate),
         lifecycle: Lifecycle::default(),
         revocations,
-        inboxes: Inboxes::new(notifiers.clone()),
+        inboxes,
         max_pending_handshakes: config.max_pending_handshakes,
         bus: bus.as_ref().map(|b| b.link().clone()),
     });
-    let shared = Arc::new(Shared::new(workers));
 
     let admin = Arc::new(Admin::new(
         env.clone(),

@@ -171,7 +171,7 @@ pub struct Env {
     pub admission: Admission,
     pub lifecycle: Lifecycle,
     pub revocations: Arc<Revocations>,
-    pub inboxes: Inboxes,
+    pub inboxes: Arc<Inboxes>,
     /// Connections of one worker still sending their request head, at most.
     pub max_pending_handshakes: usize,
     /// The link to the other nodes, when `nats_url` is set.
@@ -248,6 +248,7 @@ struct Out<'a> {
     m: &'a WorkerMetrics,
     wheel: &'a mut Wheel,
     inboxes: &'a Inboxes,
+    bus: Option<&'a crate::bus::Link>,
     closes: &'a mut Vec<CloseRequest>,
 }
 
@@ -283,6 +284,16 @@ impl Sink for Out<'_> {
             Action::Close { conn, code, reason } => self.closes.push((conn, code, reason)),
             Action::ArmTimer { seq, at } => self.wheel.insert(at, COMMAND_TIMER | seq),
             Action::Post { worker, msg } => self.inboxes.post(worker, msg),
+            Action::Publish { cluster, frame } => {
+                if let Some(bus) = self.bus {
+                    bus.publish(cluster, frame.clone());
+                }
+            }
+            Action::Interest { cluster, on } => match (self.bus, on) {
+                (Some(bus), true) => bus.subscribe(cluster),
+                (Some(bus), false) => bus.unsubscribe(cluster),
+                (None, _) => {}
+            },
         }
     }
 }
@@ -330,6 +341,7 @@ impl Worker {
             m: self.metrics.worker(self.hub.index),
             wheel: &mut self.wheel,
             inboxes: &self.env.inboxes,
+            bus: self.env.bus.as_deref(),
             closes: &mut self.closes,
         };
         (&mut self.hub, out)
@@ -381,6 +393,7 @@ impl Worker {
             m,
             wheel: &mut *wheel,
             inboxes: &env.inboxes,
+            bus: env.bus.as_deref(),
             closes,
         };
         let panicked = {

@@ -1,5 +1,6 @@
 //! Gateway processes with and without a bus (`nats_url`) against a real nats-server: no bus
-//! when unset, peers seen and a killed one reported dead, local service through a broker outage.
+//! when unset, peers seen and a killed one reported dead, local service through a broker
+//! outage, an agent's events reaching users on another node.
 
 #[macro_use]
 mod common;
@@ -112,6 +113,13 @@ async fn a_node_serves_its_own_connections_while_the_broker_is_down() {
         .await;
     let m = user.recv_event("server:updated").await;
     assert_eq!(m["data"]["serverId"], "srv_1", "{m}");
+    // That event could not cross: counted, not kept.
+    let dropped = r#"arcgate_bus_dropped_total{reason="down"}"#;
+    assert!(
+        gw.metric_at_least(dropped, 2.0).await >= 2.0,
+        "{}",
+        metrics(&gw).await
+    );
 
     nats.restart().await;
     assert!(
@@ -168,4 +176,58 @@ async fn a_bad_nats_setting_stops_the_start_with_its_name() {
         err.contains("nats_url") && err.contains("node_name"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn an_agents_events_on_one_node_reach_users_on_another_in_order() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let a = node(&nats, "node-a").await;
+    let b = node(&nats, "node-b").await;
+    assert!(metric_becomes(&a, UP, 1.0, WAIT).await);
+    assert!(metric_becomes(&b, UP, 1.0, WAIT).await);
+    let mut user = b.user("usr_1", &["clu_1"]).await;
+    let mut other = b.user("usr_2", &["clu_2"]).await;
+    let mut agent = a.agent("mch_1", "clu_1").await;
+    let status = |n: u64| {
+        json!({"event": "server:status",
+               "data": {"serverId": "srv_1", "status": "running", "players": n}})
+    };
+    // The user's interest takes a moment to reach the broker: probe until one crosses.
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        agent.send(status(0)).await;
+        match user.poll(Duration::from_millis(200)).await {
+            Polled::Message(m) if m["event"] == "server:updated" => break,
+            // machine:online crosses too, when the interest was in place in time.
+            Polled::Message(m) => assert_eq!(m["event"], "machine:online", "{m}"),
+            Polled::Nothing => assert!(Instant::now() < deadline, "no event crossed"),
+            other => panic!("user connection ended: {other:?}"),
+        }
+    }
+    for n in 1..=200 {
+        agent.send(status(n)).await;
+    }
+    let mut next = 1;
+    while next <= 200 {
+        let m = user
+            .recv_skipping("server:updated", &["machine:online"])
+            .await;
+        let n = m["data"]["players"].as_u64().unwrap();
+        if n == 0 {
+            continue; // a late probe
+        }
+        assert_eq!(n, next, "out of order: {m}");
+        assert_eq!(m["data"]["machineId"], "mch_1", "{m}");
+        next += 1;
+    }
+    other.expect_silence(Duration::from_millis(300)).await;
+    // One publish per event at the origin, whatever the number of receivers.
+    assert!(
+        a.metric_at_least("arcgate_bus_published_total", 201.0)
+            .await
+            >= 201.0
+    );
+    assert!(b.metric_at_least("arcgate_bus_received_total", 201.0).await >= 201.0);
 }

@@ -19,18 +19,35 @@ pub(super) struct Subscriptions {
 }
 
 impl Subscriptions {
-    pub fn subscribe_user(&mut self, id: ConnId, clusters: &[Box<str>]) {
+    /// `first` is called with each cluster this worker had no user of.
+    pub fn subscribe_user(
+        &mut self,
+        id: ConnId,
+        clusters: &[Box<str>],
+        mut first: impl FnMut(&str),
+    ) {
         for c in clusters {
-            self.users.entry(c.clone()).or_default().insert(id);
+            let set = self.users.entry(c.clone()).or_default();
+            if set.is_empty() {
+                first(c);
+            }
+            set.insert(id);
         }
     }
 
-    pub fn unsubscribe_user(&mut self, id: ConnId, clusters: &[Box<str>]) {
+    /// `last` is called with each cluster this worker has no user of any more.
+    pub fn unsubscribe_user(
+        &mut self,
+        id: ConnId,
+        clusters: &[Box<str>],
+        mut last: impl FnMut(&str),
+    ) {
         for c in clusters {
             if let Some(set) = self.users.get_mut(c) {
                 set.swap_remove(&id);
                 if set.is_empty() {
                     self.users.remove(c);
+                    last(c);
                 }
             }
         }
@@ -63,7 +80,9 @@ impl Hub {
         out: &mut impl Sink,
     ) {
         let services_only = kind.services_only();
-        if !self.has_receivers(cluster_id, services_only) {
+        // Users on other nodes may receive it (services see only their own node's).
+        let remote = self.shared.bus && !services_only;
+        if !remote && !self.has_receivers(cluster_id, services_only) {
             return;
         }
         let frame = envelope::relay(kind.outbound(), machine_id, cluster_id, data, ts);
@@ -95,12 +114,19 @@ impl Hub {
         out: &mut impl Sink,
     ) {
         self.m().relay_events.add(1);
+        if self.shared.bus && !services_only {
+            out.act(Action::Publish {
+                cluster: &cluster,
+                frame: &frame,
+            });
+        }
         for (w, p) in self.shared.workers.iter().enumerate() {
             if w != usize::from(self.index) && p.receives(services_only) {
                 let msg = Msg::Deliver {
                     cluster: cluster.clone(),
                     frame: frame.clone(),
                     services_only,
+                    remote: false,
                 };
                 out.act(Action::Post {
                     worker: w as u16,
@@ -108,7 +134,7 @@ impl Hub {
                 });
             }
         }
-        self.deliver(&cluster, &frame, services_only, out);
+        self.deliver(&cluster, &frame, services_only, false, out);
     }
 
     /// Hands an encoded event to this worker's subscribers of `cluster`.
@@ -117,10 +143,11 @@ impl Hub {
         cluster: &str,
         frame: &Bytes,
         services_only: bool,
+        remote: bool,
         out: &mut impl Sink,
     ) {
         let subs = &self.subs;
-        if !subs.services.is_empty() {
+        if !subs.services.is_empty() && !remote {
             let to = subs.services.iter();
             out.act(Action::Deliver { to, frame });
         }

@@ -50,11 +50,13 @@ pub enum AdminRequest {
 /// A message from one worker's hub to another's.
 #[derive(Debug)]
 pub enum Msg {
-    /// Deliver an encoded event to this worker's subscribers of `cluster`.
+    /// Deliver an encoded event to this worker's subscribers of `cluster`; `remote`: it
+    /// came from another node, for this node's users of the cluster only.
     Deliver {
         cluster: Arc<str>,
         frame: Bytes,
         services_only: bool,
+        remote: bool,
     },
     /// Queue a command frame on a local agent; `from`/`seq` name the pending command.
     ToAgent {
@@ -99,6 +101,12 @@ pub enum Action<'a> {
     ArmTimer { seq: u64, at: Instant },
     /// Hand `msg` to the hub of worker `worker`.
     Post { worker: u16, msg: Msg },
+    /// Publish an encoded event of `cluster` to the other nodes (once per event, at its
+    /// origin worker; only with a bus).
+    Publish { cluster: &'a str, frame: &'a Bytes },
+    /// This worker gained its first (`on`) or lost its last user of `cluster`: the other
+    /// nodes' events of it are wanted, or no longer (only with a bus).
+    Interest { cluster: &'a str, on: bool },
 }
 
 /// Carries out the hub's actions: the worker's side of every hub call.
@@ -118,7 +126,7 @@ pub struct Presence {
 
 impl Presence {
     /// Whether an event of this kind may have a receiver there.
-    fn receives(&self, services_only: bool) -> bool {
+    pub fn receives(&self, services_only: bool) -> bool {
         let count = match services_only {
             true => &self.services,
             false => &self.clients,
@@ -146,6 +154,8 @@ pub struct Shared {
     pub nonce: u32,
     /// Every worker's counters.
     pub metrics: Arc<Metrics>,
+    /// Whether a bus links this node to others: users' events are then published too.
+    pub bus: bool,
 }
 
 impl Shared {
@@ -154,6 +164,7 @@ impl Shared {
             metrics: Arc::new(Metrics::new(workers)),
             workers: (0..workers).map(|_| Presence::default()).collect(),
             machines: DashMap::new(),
+            bus: false,
             nonce: {
                 let mut b = [0u8; 4];
                 // Without randomness the ids are still unique within this process.
@@ -228,7 +239,12 @@ impl Hub {
                 self.fan_out(cluster, frame, false, out);
             }
             Role::User => {
-                self.subs.subscribe_user(id, &who.clusters);
+                let bus = self.shared.bus;
+                self.subs.subscribe_user(id, &who.clusters, |cluster| {
+                    if bus {
+                        out.act(Action::Interest { cluster, on: true });
+                    }
+                });
                 self.presence().clients.fetch_add(1, Ordering::Relaxed);
             }
             Role::Service => {
@@ -272,7 +288,12 @@ impl Hub {
                 self.agent_gone(id, now, ts, out);
             }
             Role::User => {
-                self.subs.unsubscribe_user(id, &who.clusters);
+                let bus = self.shared.bus;
+                self.subs.unsubscribe_user(id, &who.clusters, |cluster| {
+                    if bus {
+                        out.act(Action::Interest { cluster, on: false });
+                    }
+                });
                 self.presence().clients.fetch_sub(1, Ordering::Relaxed);
             }
             Role::Service => {
@@ -307,7 +328,8 @@ impl Hub {
                 cluster,
                 frame,
                 services_only,
-            } => self.deliver(&cluster, &frame, services_only, out),
+                remote,
+            } => self.deliver(&cluster, &frame, services_only, remote, out),
             Msg::ToAgent {
                 conn,
                 frame,

@@ -19,6 +19,8 @@ enum Did {
     Close(ConnId, u16),
     Timer(u64, Instant),
     Post(u16, Msg),
+    Publish(String, Value),
+    Interest(String, bool),
 }
 
 #[derive(Default)]
@@ -32,6 +34,8 @@ impl Sink for Rec {
             Action::Close { conn, code, .. } => Did::Close(conn, code),
             Action::ArmTimer { seq, at } => Did::Timer(seq, at),
             Action::Post { worker, msg } => Did::Post(worker, msg),
+            Action::Publish { cluster, frame } => Did::Publish(cluster.into(), json(frame)),
+            Action::Interest { cluster, on } => Did::Interest(cluster.into(), on),
         });
     }
 }
@@ -522,4 +526,88 @@ fn the_latest_reports_are_kept_per_agent() {
     let detail = info.detail.unwrap();
     assert_eq!(detail.servers, vec![s1b.to_string(), s2.to_string()]);
     assert_eq!(detail.heartbeat.as_deref(), Some("{}"));
+}
+
+/// A hub of a node linked to others by a bus.
+fn hub_with_bus() -> Hub {
+    let mut shared = Shared::new(1);
+    shared.bus = true;
+    Hub::new(0, Arc::new(shared), Duration::from_secs(30))
+}
+
+#[test]
+fn with_a_bus_an_event_is_published_once_and_users_bring_interest() {
+    let mut hub = hub_with_bus();
+    let mut out = Rec::default();
+    let t0 = Instant::now();
+    // Nobody here: still encoded, for the other nodes, and published once.
+    hub.relay(
+        &status("srv_1"),
+        "mch_1",
+        "clu_a",
+        r#"{"n":1}"#,
+        TS,
+        &mut out,
+    );
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Publish(c, v)] if c == "clu_a" && event(v) == "server:updated"),
+        "{did:?}"
+    );
+    // Heartbeats reach services only, which see only their own node's: not published.
+    hub.relay(&RelayKind::Heartbeat, "mch_1", "clu_a", "{}", TS, &mut out);
+    assert!(out.take().is_empty());
+
+    // The first user of a cluster on this worker brings interest; the second does not.
+    hub.online(conn(1), &user(&["clu_a", "clu_b"]), "", TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Interest(a, true), Did::Interest(b, true)]
+            if a == "clu_a" && b == "clu_b"),
+        "{did:?}"
+    );
+    hub.online(conn(2), &user(&["clu_a"]), "", TS, &mut out);
+    assert!(out.take().is_empty());
+    hub.offline(conn(1), &user(&["clu_a", "clu_b"]), t0, TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Interest(b, false)] if b == "clu_b"));
+    hub.offline(conn(2), &user(&["clu_a"]), t0, TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Interest(a, false)] if a == "clu_a"));
+}
+
+#[test]
+fn another_nodes_event_goes_to_the_clusters_users_not_to_services() {
+    let mut hub = hub_with_bus();
+    let mut out = Rec::default();
+    hub.online(conn(1), &user(&["clu_a"]), "", TS, &mut out);
+    hub.online(
+        conn(2),
+        &identity(Role::Service, "svc", &[]),
+        "",
+        TS,
+        &mut out,
+    );
+    out.take();
+    let frame = crate::protocol::envelope::relay("server:updated", "mch_9", "clu_a", "{}", TS);
+    let msg = Msg::Deliver {
+        cluster: "clu_a".into(),
+        frame,
+        services_only: false,
+        remote: true,
+    };
+    hub.handle(msg, Instant::now(), TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Deliver(to, v)] if to == &[conn(1)] && event(v) == "server:updated"),
+        "{did:?}"
+    );
+}
+
+#[test]
+fn without_a_bus_nothing_is_published_and_no_interest_is_shown() {
+    let mut h = hubs(1);
+    let mut out = Rec::default();
+    h[0].online(conn(1), &user(&["clu_a"]), "", TS, &mut out);
+    h[0].relay(&status("srv_1"), "mch_1", "clu_a", "{}", TS, &mut out);
+    let did = out.take();
+    assert!(matches!(&did[..], [Did::Deliver(..)]), "{did:?}");
 }
