@@ -17,6 +17,7 @@ use crate::protocol::envelope::{self, ErrorCode};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     NotConnected,
+    /// A machine outside the issuer's clusters.
     Forbidden,
     /// The agent's connection was gone when the command reached its worker.
     Gone,
@@ -31,8 +32,10 @@ impl Failure {
     /// The `COMMAND_FAILED` message.
     pub fn message(self) -> &'static str {
         match self {
-            Failure::NotConnected => "machine not connected",
-            Failure::Forbidden => "forbidden",
+            // A machine of another cluster is answered like an absent one, so that a user
+            // cannot probe which machines of other clusters are online (PROTOCOL.md v1.1
+            // section 5); the metric still tells the two apart.
+            Failure::NotConnected | Failure::Forbidden => "machine not connected",
             Failure::Gone => "machine disconnected",
             Failure::Disconnected => "machine disconnected before answering",
             Failure::TimedOut => "command timed out",

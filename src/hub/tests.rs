@@ -249,7 +249,8 @@ fn a_command_for_a_machine_not_connected_or_not_visible_fails() {
     hub.command(conn(9), &who, "r1", "mch_2", "{}", t0, TS, &mut out);
     assert_eq!(failed(&out.take()), "machine not connected");
     hub.command(conn(9), &who, "r1", "mch_1", "{}", t0, TS, &mut out);
-    assert_eq!(failed(&out.take()), "forbidden");
+    // Another cluster's connected machine is answered like an absent one.
+    assert_eq!(failed(&out.take()), "machine not connected");
     assert_eq!(counted(hub, CommandOutcome::NotConnected), 1);
     assert_eq!(counted(hub, CommandOutcome::Forbidden), 1);
     assert_eq!(hub.pending_commands(), 0);
