@@ -87,6 +87,9 @@ pub(super) struct Commands {
     pending: HashMap<u64, Pending>,
     next_seq: u64,
     outstanding: HashMap<ConnId, Vec<Outstanding>>,
+    /// Local agents replaced by a newer connection of their machine, until they are gone:
+    /// no command is written to them (it could follow their 4009 close frame).
+    pub(super) replaced: HashSet<ConnId>,
     timeout: Duration,
 }
 
@@ -96,8 +99,14 @@ impl Commands {
             pending: HashMap::new(),
             next_seq: 0,
             outstanding: HashMap::new(),
+            replaced: HashSet::new(),
             timeout,
         }
+    }
+
+    /// Agent `id` of this worker was replaced: it takes no more commands.
+    pub fn replaced(&mut self, id: ConnId) {
+        self.replaced.insert(id);
     }
 
     /// The pending commands whose issuer matches.
@@ -222,7 +231,7 @@ impl Hub {
         ts: u64,
         out: &mut impl Sink,
     ) {
-        if !self.agents.contains(conn) {
+        if !self.agents.contains(conn) || self.commands.replaced.contains(&conn) {
             return self.result(from, seq, Err(Failure::Gone), now, ts, out);
         }
         out.act(Action::Send { conn, frame });
@@ -306,6 +315,7 @@ impl Hub {
 
     /// Local agent `id` is gone: its unanswered commands fail.
     pub(super) fn agent_gone(&mut self, id: ConnId, now: Instant, ts: u64, out: &mut impl Sink) {
+        self.commands.replaced.remove(&id);
         let gone = self.commands.outstanding.remove(&id).unwrap_or_default();
         for o in gone {
             self.result(o.from, o.seq, Err(Failure::Disconnected), now, ts, out);
