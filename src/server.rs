@@ -26,11 +26,21 @@ use crate::{fault, systemd};
 const FD_RESERVE: usize = 128;
 /// What a worker thread tells the start: its loop is set up, or it ended (and how).
 enum WorkerEvent {
-    Started,
+    Started(u16),
     Ended {
         worker: u16,
         outcome: Result<(), String>,
     },
+}
+
+/// Logs a worker's death; the error ends the process (exit status 1).
+fn worker_died(worker: u16, why: &str) -> anyhow::Error {
+    tracing::error!(
+        worker,
+        error = %why,
+        "a worker died; exiting so that the service manager restarts the gateway"
+    );
+    anyhow!("worker {worker} died: {why}")
 }
 
 /// The text of a panic's payload.
@@ -395,7 +405,7 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
                 let running = || {
                     let now = metrics.since_epoch_ms(Instant::now());
                     metrics.worker(worker).last_turn_ms.set(now);
-                    let _ = events.send(WorkerEvent::Started);
+                    let _ = events.send(WorkerEvent::Started(worker));
                 };
                 let ended = catch_unwind(AssertUnwindSafe(|| {
                     if fault::setup_fails(worker) {
@@ -425,18 +435,29 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     drop(events);
     // Nothing is announced until every loop is set up: a worker that cannot set up its
     // loop ends the start with its reason, before READY=1 or "listening".
-    let mut started = 0;
-    while started < workers {
+    let mut started = vec![false; workers];
+    let mut ended = 0;
+    while started.contains(&false) {
         match lives.recv() {
-            Ok(WorkerEvent::Started) => started += 1,
-            Ok(WorkerEvent::Ended { worker, outcome }) => {
-                let why = outcome.err().unwrap_or_else(|| "ended".into());
+            Ok(WorkerEvent::Started(w)) => started[usize::from(w)] = true,
+            // A stop during the start: this worker drained already.
+            Ok(WorkerEvent::Ended {
+                outcome: Ok(()), ..
+            }) => ended += 1,
+            Ok(WorkerEvent::Ended {
+                worker,
+                outcome: Err(why),
+            }) if !started[usize::from(worker)] => {
                 tracing::error!(worker, error = %why, "a worker could not start; exiting");
                 return Err(anyhow!(
                     "worker {worker} could not set up its {} loop: {why}",
                     backend.as_str()
                 ));
             }
+            Ok(WorkerEvent::Ended {
+                worker,
+                outcome: Err(why),
+            }) => return Err(worker_died(worker, &why)),
             Err(_) => return Err(anyhow!("the workers ended before they started")),
         }
     }
@@ -459,7 +480,6 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     }
     // A worker that dies takes the process down at once (docs/operations.md, "A worker
     // died"): half a gateway would keep its connections, presence and inbox forever.
-    let mut ended = 0;
     while ended < workers {
         match lives.recv() {
             Ok(WorkerEvent::Ended {
@@ -468,11 +488,8 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
             Ok(WorkerEvent::Ended {
                 worker,
                 outcome: Err(why),
-            }) => {
-                tracing::error!(worker, error = %why, "a worker died; exiting so that the service manager restarts the gateway");
-                return Err(anyhow!("worker {worker} died: {why}"));
-            }
-            Ok(WorkerEvent::Started) => {}
+            }) => return Err(worker_died(worker, &why)),
+            Ok(WorkerEvent::Started(_)) => {}
             Err(_) => break,
         }
     }
