@@ -1,6 +1,6 @@
 //! Per-machine generations at delivery, so that an older connection of a machine cannot win over a newer one.
 //!
-//! Every authentication of a machine takes a new generation (`Shared::next_generation`,
+//! Every authentication of a machine takes a new generation (a counter in `Shared`, read
 //! under the registry entry's lock, so generations follow the order of registrations).
 //! Presence and relayed events carry it through the hub; each delivering worker keeps, per
 //! machine, the newest generation it delivered. Presence of an older generation is dropped
