@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod fault;
 pub mod hub;
 pub mod io;
 pub mod logging;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use indexmap::IndexSet;
 
-use super::{Action, Hub, Msg, Sink};
+use super::{Action, Hub, Msg, Sink, Stamp};
 use crate::conn::ConnId;
 use crate::protocol::envelope::{self, RelayKind};
 
@@ -51,14 +51,17 @@ impl Subscriptions {
 }
 
 impl Hub {
-    /// An agent event: encoded once, delivered here and to every other worker with
-    /// receivers; not encoded at all when nobody would receive it.
+    /// An event of connection generation `gen` of an agent: encoded once, delivered here
+    /// and to every other worker with receivers; not encoded at all when nobody would
+    /// receive it.
+    #[allow(clippy::too_many_arguments)]
     pub fn relay(
         &mut self,
         kind: &RelayKind<'_>,
         machine_id: &str,
         cluster_id: &str,
         data: &str,
+        gen: u64,
         ts: u64,
         out: &mut impl Sink,
     ) {
@@ -67,13 +70,19 @@ impl Hub {
             return;
         }
         let frame = envelope::relay(kind.outbound(), machine_id, cluster_id, data, ts);
-        self.fan_out(Arc::from(cluster_id), frame, services_only, out);
+        let stamp = Stamp {
+            machine: Arc::from(machine_id),
+            gen,
+            presence: false,
+        };
+        let cluster = Arc::from(cluster_id);
+        self.fan_out(cluster, frame, services_only, Some(stamp), ts, out);
     }
 
     /// A service's notification for a cluster.
     pub fn notify(&mut self, cluster_id: &str, data: &str, ts: u64, out: &mut impl Sink) {
         let frame = envelope::notification(data, ts);
-        self.fan_out(Arc::from(cluster_id), frame, false, out);
+        self.fan_out(Arc::from(cluster_id), frame, false, None, ts, out);
     }
 
     /// Whether anyone, here or on another worker, would receive an event of `cluster`.
@@ -92,6 +101,8 @@ impl Hub {
         cluster: Arc<str>,
         frame: Bytes,
         services_only: bool,
+        stamp: Option<Stamp>,
+        ts: u64,
         out: &mut impl Sink,
     ) {
         self.m().relay_events.add(1);
@@ -101,6 +112,7 @@ impl Hub {
                     cluster: cluster.clone(),
                     frame: frame.clone(),
                     services_only,
+                    stamp: stamp.clone(),
                 };
                 out.act(Action::Post {
                     worker: w as u16,
@@ -108,17 +120,26 @@ impl Hub {
                 });
             }
         }
-        self.deliver(&cluster, &frame, services_only, out);
+        self.deliver(&cluster, &frame, services_only, stamp.as_ref(), ts, out);
     }
 
-    /// Hands an encoded event to this worker's subscribers of `cluster`.
+    /// Hands an encoded event to this worker's subscribers of `cluster`, unless it is
+    /// about an older connection of its machine than one delivered here (`generations`).
     pub(super) fn deliver(
-        &self,
+        &mut self,
         cluster: &str,
         frame: &Bytes,
         services_only: bool,
+        stamp: Option<&Stamp>,
+        ts: u64,
         out: &mut impl Sink,
     ) {
+        let machines = &self.shared.machines;
+        self.delivered
+            .sweep(ts, |m| machines.get(m).map(|loc| loc.gen));
+        if stamp.is_some_and(|s| !self.delivered.admit(s, ts)) {
+            return;
+        }
         let subs = &self.subs;
         if !subs.services.is_empty() {
             let to = subs.services.iter();
