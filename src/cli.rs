@@ -27,6 +27,9 @@ pub enum Command {
     CheckConfig(ServeArgs),
     /// Print the example configuration file: every key with its default, commented out
     ExampleConfig,
+    /// Write the man pages and shell completions into a directory (packaging)
+    #[command(hide = true)]
+    GenerateAssets(crate::generate::AssetArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,6 +144,7 @@ pub fn run(cli: Cli, run_server: RunServer) -> ExitCode {
             print!("{}", arcgate::config::example_file());
             ExitCode::SUCCESS
         }
+        Command::GenerateAssets(args) => crate::generate::run(&args),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod fault;
 pub mod hub;
 pub mod io;
 pub mod logging;

@@ -1,6 +1,7 @@
 //! The `arcgate` command line: `serve`, `token` and `check-config`.
 
 mod cli;
+mod generate;
 
 use std::process::ExitCode;
 

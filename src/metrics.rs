@@ -787,6 +787,26 @@ pub fn render(metrics: &Metrics, facts: ProcessFacts, format: Format) -> String 
     out
 }
 
+/// Sums for readers outside this module (the status sampler of the admin listener).
+impl Metrics {
+    /// One counter summed over every worker.
+    pub fn total(&self, f: impl Fn(&WorkerMetrics) -> u64) -> u64 {
+        self.sum(f)
+    }
+
+    /// One labelled counter family summed over every worker.
+    pub fn totals<const N: usize>(&self, f: impl Fn(&WorkerMetrics) -> &[Cell; N]) -> [u64; N] {
+        self.sums(f)
+    }
+}
+
+impl Histogram {
+    /// Non-cumulative counts per bucket of `ROUND_TRIP_BUCKETS`, then +Inf.
+    pub fn buckets(&self) -> &[Cell; ROUND_TRIP_BUCKETS.len() + 1] {
+        &self.buckets
+    }
+}
+
 impl Observer for WorkerMetrics {
     #[inline]
     fn message(&self, event: &str) {

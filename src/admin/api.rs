@@ -1,4 +1,4 @@
-//! The routes of the admin listener: health, readiness, metrics (no token) and the
+//! The routes of the admin listener: health, readiness, metrics, status (no token) and the
 //! backend API under `/v1` (a service token, checked before the route).
 
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::http::{Request, Response};
-use super::Admin;
+use super::{status, Admin};
 use crate::auth::Role;
 use crate::hub::{AdminRequest, Answer, Failure, MachineInfo, Msg};
 use crate::metrics::{self, Format, ProcessFacts};
@@ -34,6 +34,12 @@ pub fn route(admin: &Admin, req: &Request) -> Response {
         m => m,
     };
     let path = req.path.as_str();
+    // The status document is public like /metrics (PROTOCOL.md section 9).
+    match (method, path) {
+        ("GET", "/v1/status") => return status::document(admin, &req.query),
+        (_, "/v1/status") => return not_allowed("GET"),
+        _ => {}
+    }
     if path == "/v1" || path.starts_with("/v1/") {
         if let Err(refusal) = check_token(admin, req) {
             return refusal;
@@ -50,7 +56,8 @@ pub fn route(admin: &Admin, req: &Request) -> Response {
         }
         ("GET", "/readyz") => Response::text(200, "ready\n"),
         ("GET", "/metrics") => scrape(admin, req.header("accept")),
-        (_, "/healthz" | "/readyz" | "/metrics") => not_allowed("GET"),
+        ("GET", "/status") => status::page(),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/status") => not_allowed("GET"),
         _ => Response::error(404, "no such route"),
     }
 }

@@ -20,6 +20,8 @@ pub struct Request {
     pub method: String,
     /// The path without the query string.
     pub path: String,
+    /// What follows `?` in the target ("" without one).
+    pub query: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// Whether the connection may carry another request after this one.
@@ -215,7 +217,8 @@ impl Reader {
         };
         let method = req.method.unwrap_or("").to_string();
         let path = req.path.unwrap_or("");
-        let path = path.split('?').next().unwrap_or("").to_string();
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let (path, query) = (path.to_string(), query.to_string());
         let version = req.version.unwrap_or(1);
         let headers: Vec<(String, String)> = req
             .headers
@@ -257,6 +260,7 @@ impl Reader {
         Parsed::Done(Incoming::Request(Request {
             method,
             path,
+            query,
             headers,
             body,
             keep_alive,

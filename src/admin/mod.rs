@@ -4,10 +4,12 @@
 
 mod api;
 pub mod http;
+mod sampler;
+mod status;
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::hub::Shared;
@@ -31,6 +33,8 @@ pub struct Admin {
     connections: AtomicUsize,
     /// Requests between their head and the end of their answer.
     busy: AtomicUsize,
+    /// The last minutes of per-second counter readings (status page).
+    samples: Mutex<sampler::Samples>,
 }
 
 impl Admin {
@@ -42,6 +46,7 @@ impl Admin {
             started,
             connections: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
+            samples: Mutex::new(sampler::Samples::default()),
         }
     }
 
@@ -55,6 +60,11 @@ impl Admin {
         while self.busy.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// The readings; a reader that panicked left them whole (pushes cannot half-happen).
+    fn samples(&self) -> MutexGuard<'_, sampler::Samples> {
+        self.samples.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn started(&self) -> bool {
@@ -77,6 +87,7 @@ impl Drop for Held<'_> {
 
 /// Serves admin requests on `listener` until the process exits.
 pub fn spawn(listener: TcpListener, admin: Arc<Admin>) -> std::io::Result<()> {
+    status::spawn_sampler(admin.clone())?;
     std::thread::Builder::new()
         .name("arcgate-admin".into())
         .spawn(move || {
