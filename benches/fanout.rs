@@ -174,7 +174,7 @@ fn hub(c: &mut Criterion) {
     };
     let relay = |hub: &mut Hub, conns: &mut Conns| {
         let out = &mut Queue(conns);
-        hub.relay(&kind, "mch_123", "clu_abc", DATA, TS, out)
+        hub.relay(&kind, "mch_123", "clu_abc", DATA, 1, TS, out)
     };
     relay(&mut hub, &mut table.conns);
     assert!(table.drain() > RECIPIENTS * DATA.len());

@@ -8,8 +8,10 @@
 pub mod admin;
 pub mod auth;
 pub mod certs;
+pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod fault;
 pub mod hub;
 pub mod io;
 pub mod logging;

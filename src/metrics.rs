@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::auth::AuthFailure;
+use crate::bus::{BusSnapshot, BusState};
 use crate::protocol::session::Observer;
 
 use prometheus_client::collector::Collector;
@@ -295,6 +296,8 @@ pub struct ProcessFacts {
     /// Admin HTTP connections open.
     pub admin_connections: u64,
     pub tls: crate::certs::TlsStatus,
+    /// The bus, when `nats_url` is set.
+    pub bus: Option<BusSnapshot>,
 }
 
 /// The numbers of one scrape, summed over workers; encodes itself as metric families.
@@ -446,8 +449,83 @@ impl Collector for Snapshot {
         self.encode_connections(&mut e)?;
         self.encode_traffic(&mut e)?;
         self.encode_commands(&mut e)?;
+        if let Some(bus) = &self.facts.bus {
+            encode_bus(&mut e, bus)?;
+        }
         self.encode_workers(&mut e)
     }
+}
+
+/// `arcgate_bus_*`: only on a node with a bus, so that their absence says "alone".
+fn encode_bus(e: &mut DescriptorEncoder, bus: &BusSnapshot) -> Fmt {
+    let info = [
+        ("cluster", bus.cluster_name.as_str()),
+        ("node", bus.node_name.as_str()),
+    ];
+    let mut m = e.encode_descriptor(
+        "bus_info",
+        "This node's cluster_name and node_name on the bus (always 1)",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(1i64).encode(m.encode_family(&info)?)?;
+    gauges(
+        e,
+        (
+            "bus_state",
+            "1 for the state of the connection to NATS: connecting, up or down",
+            None,
+        ),
+        "state",
+        BusState::ALL
+            .iter()
+            .map(|s| (s.as_str(), i64::from(*s == bus.state))),
+    )?;
+    counter(
+        e,
+        "bus_published",
+        "Events published to the other nodes",
+        None,
+        bus.published,
+    )?;
+    counter(
+        e,
+        "bus_received",
+        "Events received from the other nodes",
+        None,
+        bus.received,
+    )?;
+    counters(
+        e,
+        (
+            "bus_dropped",
+            "Events that could not cross the bus (counted, not retried), by reason",
+            None,
+        ),
+        "reason",
+        [("down", bus.dropped_down), ("queue_full", bus.dropped_full)],
+    )?;
+    counter(
+        e,
+        "bus_connects",
+        "Connections made to NATS, the first and each reconnect",
+        None,
+        bus.connects,
+    )?;
+    gauge(
+        e,
+        "bus_peers",
+        "Other nodes alive (a heartbeat within node_timeout)",
+        None,
+        bus.peers,
+    )?;
+    gauge(
+        e,
+        "bus_queue_depth",
+        "Messages waiting for the bus thread",
+        None,
+        bus.queued,
+    )
 }
 
 impl Snapshot {
@@ -864,7 +942,48 @@ mod tests {
                 cert_file: None,
                 cert_expiry_unix: Some(1_800_000_000),
             },
+            bus: None,
         }
+    }
+
+    #[test]
+    fn bus_series_appear_only_with_a_bus() {
+        let alone = parse(&render(&Metrics::new(1), facts(), Format::Prometheus));
+        assert!(
+            !alone.keys().any(|k| k.starts_with("arcgate_bus")),
+            "{alone:?}"
+        );
+        let bus = BusSnapshot {
+            state: BusState::Down,
+            cluster_name: "prod".into(),
+            node_name: "gw-1".into(),
+            published: 5,
+            received: 6,
+            dropped_down: 7,
+            dropped_full: 8,
+            connects: 2,
+            peers: 1,
+            queued: 3,
+        };
+        let facts = ProcessFacts {
+            bus: Some(bus),
+            ..facts()
+        };
+        let got = parse(&render(&Metrics::new(1), facts, Format::Prometheus));
+        let get = |k: &str| *got.get(k).unwrap_or_else(|| panic!("{k} missing: {got:?}"));
+        assert_eq!(get(r#"arcgate_bus_info{cluster="prod",node="gw-1"}"#), 1.0);
+        assert_eq!(get(r#"arcgate_bus_state{state="down"}"#), 1.0);
+        assert_eq!(get(r#"arcgate_bus_state{state="up"}"#), 0.0);
+        assert_eq!(get("arcgate_bus_published_total"), 5.0);
+        assert_eq!(get("arcgate_bus_received_total"), 6.0);
+        assert_eq!(get(r#"arcgate_bus_dropped_total{reason="down"}"#), 7.0);
+        assert_eq!(
+            get(r#"arcgate_bus_dropped_total{reason="queue_full"}"#),
+            8.0
+        );
+        assert_eq!(get("arcgate_bus_connects_total"), 2.0);
+        assert_eq!(get("arcgate_bus_peers"), 1.0);
+        assert_eq!(get("arcgate_bus_queue_depth"), 3.0);
     }
 
     #[test]

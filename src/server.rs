@@ -4,8 +4,9 @@
 //! for the drain.
 
 use std::net::TcpListener;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
@@ -13,19 +14,45 @@ use signal_hook::iterator::Signals;
 
 use crate::admin::Admin;
 use crate::auth::{Revocations, Verifier};
+use crate::bus::{Bus, BusConfig, Deliver, Inbound};
 use crate::certs::{self, CertStore};
 use crate::config::{Config, IoMode, ServeArgs};
 use crate::hub::{Hub, Shared};
 use crate::io::{self, listener, tls, uring, Backend, Conns, Notifier};
 use crate::protocol::handshake::Policy;
 use crate::protocol::session::{Limits, AGENT_PATH, CLIENT_PATH};
-use crate::systemd;
 use crate::worker::{Admission, Env, Inboxes, Lifecycle, Msg, Settings, Worker};
+use crate::{fault, systemd};
 
 /// Descriptors kept free for the process itself (listeners, rings, logs, admin).
 const FD_RESERVE: usize = 128;
-/// How long the start waits for every worker's first loop turn before `READY=1`.
-const START_WAIT: Duration = Duration::from_secs(5);
+/// What a worker thread tells the start: its loop is set up, or it ended (and how).
+enum WorkerEvent {
+    Started(u16),
+    Ended {
+        worker: u16,
+        outcome: Result<(), String>,
+    },
+}
+
+/// Logs a worker's death; the error ends the process (exit status 1).
+fn worker_died(worker: u16, why: &str) -> anyhow::Error {
+    tracing::error!(
+        worker,
+        error = %why,
+        "a worker died; exiting so that the service manager restarts the gateway"
+    );
+    anyhow!("worker {worker} died: {why}")
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "a panic without a message",
+    }
+}
 
 /// The session limits a configuration implies.
 pub fn limits(config: &Config) -> Limits {
@@ -153,6 +180,36 @@ pub fn settings(config: &Config, revocations: &Arc<Revocations>) -> anyhow::Resu
         command_timeout: config.command_timeout,
         drain_duration: config.drain_duration,
     })
+}
+
+/// Where the bus hands what arrives: another node's event goes, as one `Deliver`, to each
+/// worker with clients (its hub gives it to the cluster's users there). Peer changes are
+/// logged and counted by the bus itself for now.
+struct ToWorkers {
+    inboxes: Arc<Inboxes>,
+    shared: Arc<Shared>,
+}
+
+impl Deliver for ToWorkers {
+    fn deliver(&self, msg: Inbound) {
+        let Inbound::Event { cluster, bytes } = msg else {
+            return;
+        };
+        let cluster: Arc<str> = cluster.into();
+        for (w, presence) in self.shared.workers.iter().enumerate() {
+            if presence.receives(false) {
+                let msg = crate::hub::Msg::Deliver {
+                    cluster: cluster.clone(),
+                    frame: bytes.clone(),
+                    services_only: false,
+                    remote: true,
+                    // Generations order one node's connections; across nodes, later.
+                    stamp: None,
+                };
+                self.inboxes.post(w as u16, msg);
+            }
+        }
+    }
 }
 
 /// What the signal and watchdog threads work with.
@@ -354,16 +411,34 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     let notifiers = (0..workers)
         .map(|_| Notifier::new().map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
+    let inboxes = Arc::new(Inboxes::new(notifiers.clone()));
+    let mut shared = Shared::new(workers);
+    shared.bus = config.nats_url.is_some();
+    let shared = Arc::new(shared);
+    // The bus before the workers, so that they have it from their first turn.
+    let bus = match BusConfig::from_config(&config) {
+        Some(bus) => {
+            let node = bus.node_name.clone();
+            let to_workers = Arc::new(ToWorkers {
+                inboxes: inboxes.clone(),
+                shared: shared.clone(),
+            });
+            let bus = Bus::start(bus, to_workers).context("the bus (nats_url)")?;
+            tracing::info!(node, "bus started");
+            Some(bus)
+        }
+        None => None,
+    };
     let env = Arc::new(Env {
         settings: std::sync::RwLock::new(Arc::new(settings)),
         admission: Admission::new(max_connections, config.max_connection_rate),
         lifecycle: Lifecycle::default(),
         revocations,
-        inboxes: Inboxes::new(notifiers.clone()),
+        inboxes,
         max_pending_handshakes: config.max_pending_handshakes,
         tls: cert_store.clone(),
+        bus: bus.as_ref().map(|b| b.link().clone()),
     });
-    let shared = Arc::new(Shared::new(workers));
     if let Some(store) = &cert_store {
         certs::spawn_watcher(store.clone())?;
     }
@@ -382,7 +457,7 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     });
     spawn_signal_thread(control, signals)?;
 
-    let mut threads = Vec::new();
+    let (events, lives) = mpsc::channel();
     for (index, listener) in listeners.into_iter().enumerate() {
         let env = env.clone();
         let command_timeout = env.settings().command_timeout;
@@ -391,42 +466,74 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
         let max_outbound = config.max_outbound_bytes;
         let shared = shared.clone();
         let tls_config = tls_config.clone();
-        let thread = std::thread::Builder::new()
+        let events = events.clone();
+        std::thread::Builder::new()
             .name(format!("arcgate-w{index}"))
             .stack_size(8 << 20)
-            .spawn(move || -> anyhow::Result<()> {
+            .spawn(move || {
                 pin_to_core(index);
-                let mut worker = Worker::new(env, hub);
-                let mut worker = tls::Layer::new(&mut worker, tls_config);
-                let mut conns = Conns::new(max_outbound);
+                let worker = index as u16;
                 let metrics = &shared.metrics;
                 // The loop is set up: the start need not wait for its first turn.
                 let running = || {
                     let now = metrics.since_epoch_ms(Instant::now());
-                    metrics.worker(index as u16).last_turn_ms.set(now);
+                    metrics.worker(worker).last_turn_ms.set(now);
+                    let _ = events.send(WorkerEvent::Started(worker));
                 };
-                let result = io::run(
-                    backend,
-                    listener,
-                    notifier,
-                    table,
-                    &mut conns,
-                    &mut worker,
-                    running,
-                );
-                shared
-                    .metrics
-                    .worker(index as u16)
-                    .last_turn_ms
-                    .set(u64::MAX);
-                Ok(result?)
+                let ended = catch_unwind(AssertUnwindSafe(|| {
+                    if fault::setup_fails(worker) {
+                        return Err(std::io::Error::other("injected fault: loop setup"));
+                    }
+                    let mut worker = Worker::new(env, hub);
+                    let mut worker = tls::Layer::new(&mut worker, tls_config);
+                    let mut conns = Conns::new(max_outbound);
+                    io::run(
+                        backend,
+                        listener,
+                        notifier,
+                        table,
+                        &mut conns,
+                        &mut worker,
+                        running,
+                    )
+                }));
+                metrics.worker(worker).last_turn_ms.set(u64::MAX);
+                let outcome = match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("{e}")),
+                    Err(panic) => Err(format!("panicked: {}", panic_message(&*panic))),
+                };
+                let _ = events.send(WorkerEvent::Ended { worker, outcome });
             })?;
-        threads.push(thread);
     }
-    let deadline = Instant::now() + START_WAIT;
-    // Every loop set up (its ring or epoll registered), or failed.
-    while !shared.metrics.all_started() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
+    drop(events);
+    // Nothing is announced until every loop is set up: a worker that cannot set up its
+    // loop ends the start with its reason, before READY=1 or "listening".
+    let mut started = vec![false; workers];
+    let mut ended = 0;
+    while started.contains(&false) {
+        match lives.recv() {
+            Ok(WorkerEvent::Started(w)) => started[usize::from(w)] = true,
+            // A stop during the start: this worker drained already.
+            Ok(WorkerEvent::Ended {
+                outcome: Ok(()), ..
+            }) => ended += 1,
+            Ok(WorkerEvent::Ended {
+                worker,
+                outcome: Err(why),
+            }) if !started[usize::from(worker)] => {
+                tracing::error!(worker, error = %why, "a worker could not start; exiting");
+                return Err(anyhow!(
+                    "worker {worker} could not set up its {} loop: {why}",
+                    backend.as_str()
+                ));
+            }
+            Ok(WorkerEvent::Ended {
+                worker,
+                outcome: Err(why),
+            }) => return Err(worker_died(worker, &why)),
+            Err(_) => return Err(anyhow!("the workers ended before they started")),
+        }
     }
     env.lifecycle.started.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -446,14 +553,26 @@ fn start(config: Config, args: Option<ServeArgs>) -> anyhow::Result<()> {
     if let Some(interval) = systemd::watchdog_interval() {
         spawn_watchdog(shared.clone(), interval)?;
     }
-    for t in threads {
-        match t.join() {
-            Ok(r) => r?,
-            Err(_) => return Err(anyhow!("a worker thread panicked")),
+    // A worker that dies takes the process down at once (docs/operations.md, "A worker
+    // died"): half a gateway would keep its connections, presence and inbox forever.
+    while ended < workers {
+        match lives.recv() {
+            Ok(WorkerEvent::Ended {
+                outcome: Ok(()), ..
+            }) => ended += 1,
+            Ok(WorkerEvent::Ended {
+                worker,
+                outcome: Err(why),
+            }) => return Err(worker_died(worker, &why)),
+            Ok(WorkerEvent::Started(_)) => {}
+            Err(_) => break,
         }
     }
     // Let admin answers already decided (503 to pending commands) reach their clients.
     admin.wait_idle(Duration::from_secs(1));
+    if let Some(bus) = bus {
+        bus.stop();
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }

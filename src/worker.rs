@@ -117,10 +117,31 @@ impl From<hub::Msg> for Msg {
     }
 }
 
+/// Messages one wake-up takes from the inbox at most: the rest wait for the next loop
+/// turn, so that other workers' traffic cannot starve this worker's sockets and timers.
+pub const WAKE_BATCH: usize = 256;
+
 /// A worker's inbox: a lock-free queue plus its wake-up.
 pub struct Inbox {
     queue: SegQueue<Msg>,
     notifier: Arc<Notifier>,
+}
+
+impl Inbox {
+    /// Hands up to `max` waiting messages to `each`; when more remain, wakes the worker
+    /// again so that it comes back for them after a turn of its own sockets and timers.
+    fn take(&self, max: usize, mut each: impl FnMut(Msg)) {
+        self.notifier.reset();
+        for _ in 0..max {
+            match self.queue.pop() {
+                Some(msg) => each(msg),
+                None => return,
+            }
+        }
+        if !self.queue.is_empty() {
+            self.notifier.notify();
+        }
+    }
 }
 
 /// Every worker's inbox, by worker index.
@@ -171,11 +192,13 @@ pub struct Env {
     pub admission: Admission,
     pub lifecycle: Lifecycle,
     pub revocations: Arc<Revocations>,
-    pub inboxes: Inboxes,
+    pub inboxes: Arc<Inboxes>,
     /// Connections of one worker still sending their request head, at most.
     pub max_pending_handshakes: usize,
     /// The listener's certificate when it speaks TLS.
     pub tls: Option<Arc<crate::certs::CertStore>>,
+    /// The link to the other nodes, when `nats_url` is set.
+    pub bus: Option<Arc<crate::bus::Link>>,
 }
 
 impl Env {
@@ -248,6 +271,7 @@ struct Out<'a> {
     m: &'a WorkerMetrics,
     wheel: &'a mut Wheel,
     inboxes: &'a Inboxes,
+    bus: Option<&'a crate::bus::Link>,
     closes: &'a mut Vec<CloseRequest>,
 }
 
@@ -283,6 +307,16 @@ impl Sink for Out<'_> {
             Action::Close { conn, code, reason } => self.closes.push((conn, code, reason)),
             Action::ArmTimer { seq, at } => self.wheel.insert(at, COMMAND_TIMER | seq),
             Action::Post { worker, msg } => self.inboxes.post(worker, msg),
+            Action::Publish { cluster, frame } => {
+                if let Some(bus) = self.bus {
+                    bus.publish(cluster, frame.clone());
+                }
+            }
+            Action::Interest { cluster, on } => match (self.bus, on) {
+                (Some(bus), true) => bus.subscribe(cluster),
+                (Some(bus), false) => bus.unsubscribe(cluster),
+                (None, _) => {}
+            },
         }
     }
 }
@@ -330,6 +364,7 @@ impl Worker {
             m: self.metrics.worker(self.hub.index),
             wheel: &mut self.wheel,
             inboxes: &self.env.inboxes,
+            bus: self.env.bus.as_deref(),
             closes: &mut self.closes,
         };
         (&mut self.hub, out)
@@ -381,6 +416,7 @@ impl Worker {
             m,
             wheel: &mut *wheel,
             inboxes: &env.inboxes,
+            bus: env.bus.as_deref(),
             closes,
         };
         let panicked = {
@@ -697,25 +733,28 @@ impl Handler for Worker {
     }
 
     fn on_wake(&mut self, io: &mut Conns, now: Instant) {
+        if crate::fault::panics_on_wake(self.hub.index) {
+            panic!(
+                "injected fault: worker {} panics in on_wake",
+                self.hub.index
+            );
+        }
         let env = self.env.clone();
         let inbox = &env.inboxes.0[usize::from(self.hub.index)];
-        inbox.notifier.reset();
         let ts = unix_ms();
-        while let Some(msg) = inbox.queue.pop() {
-            match msg {
-                Msg::Reload(settings) => self.reload(settings),
-                Msg::Revoke { sub } => self.revoke(io, &sub, now),
-                Msg::Hub(hub::Msg::Admin(AdminRequest::Command { reply, .. }))
-                    if self.drain.is_some() =>
-                {
-                    let _ = reply.send(Err(Failure::Draining));
-                }
-                Msg::Hub(msg) => {
-                    let (hub, mut out) = self.hub_and_out(io);
-                    hub.handle(msg, now, ts, &mut out);
-                }
+        inbox.take(WAKE_BATCH, |msg| match msg {
+            Msg::Reload(settings) => self.reload(settings),
+            Msg::Revoke { sub } => self.revoke(io, &sub, now),
+            Msg::Hub(hub::Msg::Admin(AdminRequest::Command { reply, .. }))
+                if self.drain.is_some() =>
+            {
+                let _ = reply.send(Err(Failure::Draining));
             }
-        }
+            Msg::Hub(msg) => {
+                let (hub, mut out) = self.hub_and_out(io);
+                hub.handle(msg, now, ts, &mut out);
+            }
+        });
     }
 
     fn on_tick(&mut self, io: &mut Conns, now: Instant) {
@@ -753,5 +792,39 @@ impl Handler for Worker {
             self.m().last_turn_ms.set(u64::MAX);
         }
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the eventfd has a wake-up pending (read without blocking, which clears it).
+    fn woken(n: &Notifier) -> bool {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        let r = unsafe { libc::read(n.fd(), (&mut v as *mut u64).cast(), 8) };
+        r == 8
+    }
+
+    #[test]
+    fn one_wake_takes_a_bounded_batch_and_wakes_again_for_the_rest() {
+        let notifier = Arc::new(Notifier::new().unwrap());
+        let inboxes = Inboxes::new(vec![notifier.clone()]);
+        let total = WAKE_BATCH * 2 + 10;
+        for _ in 0..total {
+            inboxes.post(0, Msg::Revoke { sub: "s".into() });
+        }
+        assert!(woken(&notifier));
+        let inbox = &inboxes.0[0];
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            let mut n = 0;
+            inbox.take(WAKE_BATCH, |_| n += 1);
+            taken.push((n, woken(&notifier)));
+        }
+        // Full batches wake the worker again; the last one leaves nothing and no wake-up.
+        assert_eq!(taken, [(WAKE_BATCH, true), (WAKE_BATCH, true), (10, false)]);
+        assert_eq!(inboxes.depths(), [0]);
     }
 }

@@ -17,7 +17,7 @@ both_backends!(
     command_to_absent_machine_fails,
     command_fails_when_agent_disconnects,
     command_times_out,
-    command_to_other_cluster_is_forbidden,
+    other_clusters_machine_is_answered_like_an_absent_one,
     perms_limit_command_types,
     duplicate_and_unknown_responses_are_ignored,
     service_notification_reaches_its_cluster_users,
@@ -257,18 +257,33 @@ async fn command_times_out(io: &'static str) {
     agent.assert_open().await;
 }
 
-async fn command_to_other_cluster_is_forbidden(io: &'static str) {
+/// PROTOCOL.md v1.1 section 5: a connected machine of another cluster is answered
+/// exactly like a machine that is not connected, so its presence cannot be probed.
+async fn other_clusters_machine_is_answered_like_an_absent_one(io: &'static str) {
     let gw = Gateway::start(io, &[]).await;
     let (_user, mut agent) = pair(&gw).await;
     let mut outsider = gw.user("usr_out", &["clu_other"]).await;
     let mut no_clusters = gw.user("usr_none", &[]).await;
     for ws in [&mut outsider, &mut no_clusters] {
-        ws.send(command(
-            "req_x",
-            json!({"machineId": "mch_c", "type": "server:start"}),
-        ))
-        .await;
-        expect_command_failed(ws, "req_x", Some("forbidden")).await;
+        let mut answers = Vec::new();
+        for machine in ["mch_c", "mch_absent"] {
+            ws.send(command(
+                "req_x",
+                json!({"machineId": machine, "type": "server:start"}),
+            ))
+            .await;
+            let mut e = ws.recv_event("error").await;
+            assert_error(&e, "COMMAND_FAILED");
+            e.as_object_mut().unwrap().remove("timestamp");
+            e["data"].as_object_mut().unwrap().remove("timestamp");
+            answers.push(e.to_string());
+        }
+        assert_eq!(answers[0], answers[1], "the two answers differ");
+        assert!(
+            answers[0].contains("machine not connected"),
+            "{}",
+            answers[0]
+        );
         ws.assert_open().await;
     }
     agent.expect_silence(Duration::from_millis(500)).await;

@@ -7,7 +7,8 @@
 //! * a relayed event names the machine and cluster that sent it, whatever the agent wrote;
 //! * no command reaches another machine, or any machine when the issuer lacks the cluster
 //!   or the permission;
-//! * every command gets exactly one answer: the target's own, or `forbidden`.
+//! * every command gets exactly one answer: the target's own, `forbidden` (perms), or
+//!   `machine not connected` (another cluster's machine, answered like an absent one).
 //!
 //! The seed is printed; `ISOLATION_SEED=<n>` replays a run.
 
@@ -75,12 +76,14 @@ impl Issuer {
         self.clusters.as_ref().is_none_or(|s| s.contains(c))
     }
 
+    fn may_type(&self, kind: &str) -> bool {
+        self.perms
+            .as_ref()
+            .is_none_or(|p| p.iter().any(|x| x == "*" || x == kind))
+    }
+
     fn may(&self, cluster: &str, kind: &str) -> bool {
-        self.sees(cluster)
-            && self
-                .perms
-                .as_ref()
-                .is_none_or(|p| p.iter().any(|x| x == "*" || x == kind))
+        self.sees(cluster) && self.may_type(kind)
     }
 }
 
@@ -467,7 +470,13 @@ async fn randomized_traffic_never_crosses_clusters_or_permissions(io: &'static s
                 }
             } else {
                 assert_error(m, "COMMAND_FAILED");
-                assert_eq!(m["data"]["message"], "forbidden", "{io}: {req}: {m}");
+                // The perms come first; a permitted type for another cluster's machine
+                // is answered like an absent machine.
+                let why = match who.may_type(kind) {
+                    true => "machine not connected",
+                    false => "forbidden",
+                };
+                assert_eq!(m["data"]["message"], why, "{io}: {req}: {m}");
             }
         }
         all_seqs.push(seqs);

@@ -15,7 +15,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-both_backends!(sigterm_drains_with_1012_and_exits_0, socket_activation);
+both_backends!(
+    sigterm_drains_with_1012_and_exits_0,
+    socket_activation,
+    a_worker_that_cannot_set_up_its_loop_stops_the_start,
+    a_worker_that_panics_takes_the_process_down,
+);
 
 /// A file path under the temp dir, unique per test and process.
 fn temp_path(name: &str) -> PathBuf {
@@ -155,9 +160,9 @@ async fn a_second_signal_exits_at_once() {
     let _ = user.poll(Duration::from_millis(100)).await;
 }
 
-/// A NOTIFY_SOCKET listener that collects what the gateway sends.
-fn notify_socket() -> (UnixDatagram, PathBuf) {
-    let path = temp_path("notify.sock");
+/// A NOTIFY_SOCKET listener (file `name`) that collects what the gateway sends.
+fn notify_socket(name: &str) -> (UnixDatagram, PathBuf) {
+    let path = temp_path(name);
     let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
@@ -185,7 +190,7 @@ fn notifications_until(sock: &UnixDatagram, what: &str, within: Duration) -> Vec
 
 #[tokio::test]
 async fn notify_socket_gets_ready_watchdog_and_stopping() {
-    let (sock, path) = notify_socket();
+    let (sock, path) = notify_socket("notify.sock");
     let (mut cmd, addr, admin) = Gateway::command("uring");
     cmd.args(["--jwt-secret", SECRET, "--drain-duration", "0s"])
         .env("NOTIFY_SOCKET", &path)
@@ -559,4 +564,110 @@ async fn a_new_process_on_the_same_port_takes_over_during_the_drain() {
     assert_eq!(user.expect_close_within(Duration::from_secs(5)).await, 1012);
     assert_eq!(old.wait_exit(WAIT).await.and_then(|s| s.code()), Some(0));
     drop(new);
+}
+
+/// `arcgate serve` with fault `fault` injected (`ARCGATE_FAULT`, debug builds only: see
+/// src/fault.rs) and a NOTIFY_SOCKET; returns the child, its notify socket and admin address.
+fn spawn_with_fault(
+    io: &str,
+    fault: &str,
+) -> (
+    std::process::Child,
+    UnixDatagram,
+    PathBuf,
+    std::net::SocketAddr,
+) {
+    let (sock, path) = notify_socket(&format!("fault-{io}-{fault}.sock"));
+    let (mut cmd, _, admin) = Gateway::command(io);
+    let child = cmd
+        .args(["--jwt-secret", SECRET])
+        .env("ARCGATE_FAULT", fault)
+        .env("NOTIFY_SOCKET", &path)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn arcgate");
+    (child, sock, path, admin)
+}
+
+/// Waits for `child` to exit (a hang is a failure, after a bound no healthy exit needs);
+/// returns its status and its log.
+fn exit_and_log(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("arcgate still runs with a dead worker");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut log);
+    (status, log)
+}
+
+/// Every notification waiting on `sock`.
+fn pending_notifications(sock: &UnixDatagram) -> Vec<String> {
+    notifications_until(sock, "never sent", Duration::from_millis(300))
+}
+
+/// A loop that fails to set up after the probe passed: no READY=1, no "listening", a
+/// non-zero exit whose log names the worker and the reason.
+async fn a_worker_that_cannot_set_up_its_loop_stops_the_start(io: &'static str) {
+    let (mut child, sock, path, _) = spawn_with_fault(io, "setup:1");
+    let (status, log) = exit_and_log(&mut child);
+    assert!(!status.success(), "{status}; log:\n{log}");
+    assert!(
+        log.contains("worker 1 could not set up its") && log.contains("injected fault: loop setup"),
+        "{log}"
+    );
+    assert!(!log.contains("arcgate is listening"), "{log}");
+    let seen = pending_notifications(&sock);
+    assert!(
+        !seen.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+        "{seen:?}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A worker that panics outside the per-connection guard (here in its wake handling)
+/// takes the process down at once: a non-zero exit, a log line naming the worker and the
+/// panic, and no READY=1 after the first.
+async fn a_worker_that_panics_takes_the_process_down(io: &'static str) {
+    let (mut child, sock, path, admin) = spawn_with_fault(io, "wake:1");
+    let seen = notifications_until(&sock, "READY=1", Duration::from_secs(20));
+    assert!(
+        seen.last()
+            .is_some_and(|m| m.lines().any(|l| l == "READY=1")),
+        "no READY=1: {seen:?}"
+    );
+    // Listing the machines asks every worker through its inbox: worker 1 wakes and dies.
+    let req = format!(
+        "GET /v1/machines HTTP/1.1\r\nHost: arcgate\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+        service_token("panel")
+    );
+    let _ = http(admin, &req).await;
+    let (status, log) = exit_and_log(&mut child);
+    assert_eq!(status.code(), Some(1), "{status}; log:\n{log}");
+    let died = log
+        .lines()
+        .find(|l| l.contains("a worker died"))
+        .unwrap_or_else(|| panic!("no log line for the dead worker:\n{log}"));
+    assert!(
+        died.contains("worker=1") && died.contains("injected fault: worker 1 panics in on_wake"),
+        "{died}"
+    );
+    let seen = pending_notifications(&sock);
+    assert!(
+        !seen.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+        "{seen:?}"
+    );
+    let _ = std::fs::remove_file(&path);
 }

@@ -18,6 +18,7 @@ both_backends!(
     machine_online_and_offline,
     silent_agent_is_closed_4000_after_lease,
     messages_renew_the_agent_lease,
+    presence_follows_the_newest_connection_through_racing_takeovers,
 );
 
 /// A service, a user of `clu_1` (among others), a user of `clu_2` only, then an agent
@@ -258,4 +259,82 @@ async fn messages_renew_the_agent_lease(io: &'static str) {
         agent.expect_silence(Duration::from_millis(300)).await;
     }
     agent.assert_open().await;
+}
+
+/// One machine reconnects over and over on a two-worker gateway, each newer connection
+/// authenticating while the older one ends (dropped, or replaced with 4009), so that the
+/// older connection's `machine:offline` races the newer one's `machine:online` across the
+/// workers. Each connection has its own version: no user may get presence of an older
+/// connection after the newer one's `machine:online`, and the last presence event is the
+/// online of the connection that stays.
+async fn presence_follows_the_newest_connection_through_racing_takeovers(io: &'static str) {
+    const ROUNDS: usize = 60;
+    let gw = Gateway::start(io, &[]).await;
+    // Several users, so that both workers hold some.
+    let mut users = Vec::new();
+    for k in 0..4 {
+        users.push(gw.user(&format!("usr_t{k}"), &["clu_t"]).await);
+    }
+    let token = agent_token("mch_t", "clu_t");
+    let auth = |i: usize| {
+        json!({"event": "auth", "data": {"token": token, "machineId": "mch_t",
+            "version": format!("1.0.{i}")}})
+    };
+    let mut current = gw.ws("/ws/agent").await;
+    current.send(auth(0)).await;
+    current.recv_event("authenticated").await;
+    for i in 1..=ROUNDS {
+        // Upgraded beforehand, so that the auth and the older connection's end are close.
+        let mut next = gw.ws("/ws/agent").await;
+        let older = current;
+        if i % 2 == 1 {
+            older.abort();
+            next.send(auth(i)).await;
+        } else {
+            next.send(auth(i)).await;
+            drop(older);
+        }
+        next.recv_event("authenticated").await;
+        current = next;
+    }
+    current
+        .send(json!({"event": "server:status", "data": {"serverId": "srv_last"}}))
+        .await;
+    for (k, user) in users.iter_mut().enumerate() {
+        let mut presence: Vec<(String, usize)> = Vec::new();
+        let mut sentinel = false;
+        loop {
+            // After the last connection's report, whatever still comes within a while.
+            let within = if sentinel {
+                Duration::from_millis(500)
+            } else {
+                WAIT
+            };
+            match user.poll(within).await {
+                Polled::Message(m) if m["event"] == "server:updated" => sentinel = true,
+                Polled::Message(m) => {
+                    let version = m["data"]["version"].as_str().unwrap_or_default();
+                    let n = version.rsplit('.').next().unwrap().parse().unwrap();
+                    presence.push((m["event"].as_str().unwrap().to_string(), n));
+                }
+                Polled::Nothing if sentinel => break,
+                other => panic!("user {k}: {other:?} after {presence:?}"),
+            }
+        }
+        let mut newest = 0;
+        for (event, n) in &presence {
+            assert!(
+                *n >= newest,
+                "user {k}: {event} of connection {n} after connection {newest}'s: {presence:?}"
+            );
+            newest = *n;
+        }
+        let last = presence.last().cloned();
+        assert_eq!(
+            last,
+            Some(("machine:online".to_string(), ROUNDS)),
+            "user {k}: {presence:?}"
+        );
+    }
+    current.assert_open().await;
 }

@@ -84,6 +84,13 @@ fn help_shows_the_defaults_check_config_prints() {
                 let cores = std::thread::available_parallelism().unwrap().get();
                 assert_eq!(value, &cores.to_string(), "--{flag}");
             }
+            (Some("the host name"), None) => {
+                let token = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+                assert!(
+                    !value.is_empty() && value.chars().all(token),
+                    "--{flag}: {value}"
+                );
+            }
             (Some(shown), None) => assert_eq!(shown, value, "--{flag}"),
         }
         compared += 1;
@@ -124,7 +131,7 @@ fn example_file_shows_each_default_check_config_prints() {
             continue;
         };
         // Unset keys and machine-dependent defaults show an example instead.
-        if !current.starts_with('#') && !matches!(key, "jwt_secret" | "workers") {
+        if !current.starts_with('#') && !matches!(key, "jwt_secret" | "workers" | "node_name") {
             assert_eq!(value.trim_matches('"'), current, "{line}");
         }
     }
@@ -141,7 +148,8 @@ fn every_setting_is_read_from_its_variable() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        // A value no setting accepts names the key; the secret and paths take any text.
+        // A value no setting accepts names the key; the secret, paths and names (a
+        // subject token like "not-a-value") take it.
         match key.as_str() {
             "jwt_secret" | "dev" => {}
             "jwt_public_key" => assert!(
@@ -152,7 +160,8 @@ fn every_setting_is_read_from_its_variable() {
                 err.contains("tls_cert and tls_key go together"),
                 "{var}: {err}"
             ),
-            "jwt_issuer" | "jwt_audience" => {
+            "jwt_issuer" | "jwt_audience" | "cluster_name" | "node_name" | "nats_creds"
+            | "nats_tls_ca" => {
                 let text = stdout(&out);
                 assert!(
                     text.contains(&format!("{key} = \"not-a-value\"\n")),

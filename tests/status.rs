@@ -244,6 +244,21 @@ async fn status_page_shows_a_known_load_in_chromium() {
         gw.user("usr_3", &["clu_a"]).await,
     ];
     let url = format!("http://{}/status", gw.admin);
+    // The page's plots draw the gateway's per-second readings: wait for its first two
+    // (Chromium's virtual time runs the page's own refreshes faster than real seconds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = gw.admin_get("/v1/status").await.json();
+        let points = status["history"]["t"].as_array().map_or(0, Vec::len);
+        if points >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no readings: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let first = run_chromium(&browser, &url, &["--dump-dom"]).await;
     assert_eq!(text_of(&first, "conn-agent"), "4", "{first}");

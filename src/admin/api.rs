@@ -164,6 +164,7 @@ fn scrape(admin: &Admin, accept: Option<&str>) -> Response {
         revocations: admin.env.revocations.len() as u64,
         admin_connections: admin.connections() as u64,
         tls: crate::certs::status(admin.env.tls.as_deref()),
+        bus: admin.env.bus.as_ref().map(|link| link.snapshot()),
     };
     let format = Format::from_accept(accept);
     let text = metrics::render(&shared.metrics, facts, format);

@@ -201,6 +201,75 @@ impl Kind<String> for Text {
     }
 }
 
+/// A NATS subject token: letters, digits, `-` and `_` (no dots, no wildcards).
+pub struct Subject;
+
+impl Kind<String> for Subject {
+    fn value_name(&self) -> &'static str {
+        "NAME"
+    }
+    fn parse(&self, text: &str) -> Result<String, Vec<Refusal>> {
+        let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        match !text.is_empty() && text.len() <= 64 && text.chars().all(ok) {
+            true => Ok(text.to_string()),
+            false => refuse("expected 1 to 64 letters, digits, '-' or '_'"),
+        }
+    }
+    fn toml(&self, value: &String) -> Option<String> {
+        quoted(value)
+    }
+}
+
+/// The host name as a subject token: other characters (the dots of a domain) become `-`.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a live buffer.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name: String = String::from_utf8_lossy(&buf[..end])
+        .chars()
+        .take(64)
+        .map(|c| match c.is_ascii_alphanumeric() || c == '_' {
+            true => c,
+            false => '-',
+        })
+        .collect();
+    match ok && !name.is_empty() {
+        true => name,
+        false => "arcgate".to_string(),
+    }
+}
+
+/// NATS server URLs separated by commas: `nats://`, `tls://` or a bare `host:port`.
+pub struct NatsUrls;
+
+impl Kind<String> for NatsUrls {
+    fn value_name(&self) -> &'static str {
+        "URL"
+    }
+    fn parse(&self, text: &str) -> Result<String, Vec<Refusal>> {
+        let items: Vec<&str> = text.split(',').map(str::trim).collect();
+        let good = |item: &str| {
+            let rest = ["nats://", "tls://"]
+                .iter()
+                .find_map(|s| item.strip_prefix(s))
+                .unwrap_or(item);
+            let host_port = rest.rsplit('@').next().unwrap_or(rest);
+            matches!(host_port.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok())
+                && !item.contains(char::is_whitespace)
+        };
+        match items.iter().all(|i| good(i)) {
+            true => Ok(items.join(",")),
+            false => {
+                refuse("expected nats://HOST:PORT or tls://HOST:PORT, several separated by commas")
+            }
+        }
+    }
+    fn toml(&self, value: &String) -> Option<String> {
+        quoted(value)
+    }
+}
+
 /// A secret, taken as given (the verifier judges it) and never shown.
 pub struct Secret;
 

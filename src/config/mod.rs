@@ -18,7 +18,8 @@ use declare::toml_of;
 pub use declare::{Extra, Reload, Setting};
 pub use file::example_file;
 use kinds::{
-    Addr, AtLeast, Bytes, Choice, Dur, File, Kind, LogLevel, Origins, Secret, Text, Unset,
+    Addr, AtLeast, Bytes, Choice, Dur, File, Kind, LogLevel, NatsUrls, Origins, Secret, Subject,
+    Text, Unset,
 };
 
 /// Which io backend runs the workers.
@@ -165,6 +166,26 @@ settings! {
     /// Time over which connections are closed on shutdown
     /// On SIGTERM, with close 1012.
     drain_duration: Duration = secs(10), Dur { positive: false }, reload: Yes;
+
+    #[section = "Several nodes"]
+    /// NATS server(s) joining this node to the others, e.g. nats://10.0.0.5:4222
+    /// Several URLs separated by commas. Unset: the node runs alone.
+    nats_url: Option<String> = None, Unset(NatsUrls), reload: No,
+        unset: "alone, no bus", example: r#""nats://127.0.0.1:4222""#;
+    /// Name shared by the nodes that serve as one gateway (a NATS subject token)
+    cluster_name: String = "arcgate".to_string(), Subject, reload: No;
+    /// This node's name on the bus, in /v1/status and the metrics (a NATS subject token)
+    node_name: String = kinds::host_name(), Subject, reload: No,
+        unset: "the host name", example: r#""gw-1""#;
+    /// Silence after which a peer node counts as dead
+    /// Nodes send a heartbeat on the bus every second.
+    node_timeout: Duration = secs(5), Dur { positive: true }, reload: No;
+    /// NATS credentials file (.creds: JWT and NKey seed)
+    nats_creds: Option<String> = None, Unset(File("CREDS_FILE")), reload: No,
+        example: r#""/etc/arcgate/nats.creds""#;
+    /// PEM CA certificate(s) that sign the NATS servers' TLS certificates
+    nats_tls_ca: Option<String> = None, Unset(File("PEM_FILE")), reload: No,
+        example: r#""/etc/arcgate/nats-ca.pem""#;
 
     #[section = "Logs"]
     /// Log lines as text or json

@@ -590,6 +590,12 @@ fn restart_only_settings_come_from_the_table() {
         "max_pending_handshakes",
         "workers",
         "io",
+        "nats_url",
+        "cluster_name",
+        "node_name",
+        "node_timeout",
+        "nats_creds",
+        "nats_tls_ca",
         "log_format",
     ];
     assert_eq!(restart, expected);
@@ -626,6 +632,12 @@ fn restart_only_settings_come_from_the_table() {
         workers: Some((old.workers + 1).to_string()),
         io: Some("epoll".into()),
         drain_duration: Some("11s".into()),
+        nats_url: Some("nats://127.0.0.1:4222".into()),
+        cluster_name: Some("other".into()),
+        node_name: Some(format!("{}-2", old.node_name)),
+        node_timeout: Some("6s".into()),
+        nats_creds: Some("/etc/arcgate/nats.creds".into()),
+        nats_tls_ca: Some("/etc/arcgate/ca.pem".into()),
         log_format: Some("json".into()),
         log_level: Some("debug".into()),
         ..ServeArgs::default()
@@ -671,4 +683,68 @@ fn help_and_file_come_from_the_table() {
         assert!(file.contains(&first), "{first}");
         assert!(file.contains(&format!("\n# {} = ", s.name)), "{}", s.name);
     }
+}
+
+#[test]
+fn bus_settings_default_to_a_node_alone() {
+    let c = Config::load(with_secret()).unwrap();
+    assert_eq!(c.nats_url, None);
+    assert_eq!(c.cluster_name, "arcgate");
+    assert_eq!(c.node_timeout, Duration::from_secs(5));
+    assert_eq!(
+        (c.nats_creds.as_deref(), c.nats_tls_ca.as_deref()),
+        (None, None)
+    );
+    // The host name, made a subject token.
+    assert!(
+        kinds::Subject.parse(&c.node_name).is_ok(),
+        "{}",
+        c.node_name
+    );
+    assert_eq!(c.node_name, kinds::host_name());
+}
+
+#[test]
+fn bus_settings_are_checked() {
+    let c = Config::load(ServeArgs {
+        nats_url: Some("nats://10.0.0.5:4222, tls://user:pw@nats.example.com:4443".into()),
+        cluster_name: Some("prod_eu-1".into()),
+        node_name: Some("gw-1".into()),
+        node_timeout: Some("3s".into()),
+        ..with_secret()
+    })
+    .unwrap();
+    assert_eq!(
+        c.nats_url.as_deref(),
+        Some("nats://10.0.0.5:4222,tls://user:pw@nats.example.com:4443")
+    );
+    assert_eq!(
+        (c.cluster_name.as_str(), c.node_name.as_str()),
+        ("prod_eu-1", "gw-1")
+    );
+    assert_eq!(c.node_timeout, Duration::from_secs(3));
+    let errs = errors(ServeArgs {
+        nats_url: Some("http://nats:4222x".into()),
+        cluster_name: Some("a.b".into()),
+        node_name: Some("gw*".into()),
+        node_timeout: Some("0s".into()),
+        ..with_secret()
+    });
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    assert!(
+        errs[0].contains("nats_url: expected nats://HOST:PORT"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("cluster_name: expected 1 to 64 letters"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].contains("node_name: expected 1 to 64 letters"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[3].contains("node_timeout: expected a duration above 0"),
+        "{errs:?}"
+    );
 }

@@ -17,6 +17,7 @@ use crate::protocol::envelope::{self, ErrorCode};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     NotConnected,
+    /// A machine outside the issuer's clusters.
     Forbidden,
     /// The agent's connection was gone when the command reached its worker.
     Gone,
@@ -31,8 +32,10 @@ impl Failure {
     /// The `COMMAND_FAILED` message.
     pub fn message(self) -> &'static str {
         match self {
-            Failure::NotConnected => "machine not connected",
-            Failure::Forbidden => "forbidden",
+            // A machine of another cluster is answered like an absent one, so that a user
+            // cannot probe which machines of other clusters are online (PROTOCOL.md v1.1
+            // section 5); the metric still tells the two apart.
+            Failure::NotConnected | Failure::Forbidden => "machine not connected",
             Failure::Gone => "machine disconnected",
             Failure::Disconnected => "machine disconnected before answering",
             Failure::TimedOut => "command timed out",
@@ -84,6 +87,9 @@ pub(super) struct Commands {
     pending: HashMap<u64, Pending>,
     next_seq: u64,
     outstanding: HashMap<ConnId, Vec<Outstanding>>,
+    /// Local agents replaced by a newer connection of their machine, until they are gone:
+    /// no command is written to them (it could follow their 4009 close frame).
+    pub(super) replaced: HashSet<ConnId>,
     timeout: Duration,
 }
 
@@ -93,8 +99,14 @@ impl Commands {
             pending: HashMap::new(),
             next_seq: 0,
             outstanding: HashMap::new(),
+            replaced: HashSet::new(),
             timeout,
         }
+    }
+
+    /// Agent `id` of this worker was replaced: it takes no more commands.
+    pub fn replaced(&mut self, id: ConnId) {
+        self.replaced.insert(id);
     }
 
     /// The pending commands whose issuer matches.
@@ -219,7 +231,7 @@ impl Hub {
         ts: u64,
         out: &mut impl Sink,
     ) {
-        if !self.agents.contains(conn) {
+        if !self.agents.contains(conn) || self.commands.replaced.contains(&conn) {
             return self.result(from, seq, Err(Failure::Gone), now, ts, out);
         }
         out.act(Action::Send { conn, frame });
@@ -303,6 +315,7 @@ impl Hub {
 
     /// Local agent `id` is gone: its unanswered commands fail.
     pub(super) fn agent_gone(&mut self, id: ConnId, now: Instant, ts: u64, out: &mut impl Sink) {
+        self.commands.replaced.remove(&id);
         let gone = self.commands.outstanding.remove(&id).unwrap_or_default();
         for o in gone {
             self.result(o.from, o.seq, Err(Failure::Disconnected), now, ts, out);

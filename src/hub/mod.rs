@@ -5,14 +5,16 @@
 
 mod commands;
 mod fanout;
+mod generations;
 mod reports;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::auth::{Identity, Role};
@@ -22,6 +24,7 @@ use crate::protocol::envelope::{self, RelayKind};
 use crate::protocol::session::CLOSE_REPLACED;
 
 pub use commands::{Answer, Failure};
+pub use generations::{Stamp, RETENTION_MS};
 pub use reports::{MachineDetail, MachineInfo, MAX_SERVERS, MAX_SERVER_BYTES};
 
 /// A request of the admin API to a worker; answers go back over the channel.
@@ -50,11 +53,15 @@ pub enum AdminRequest {
 /// A message from one worker's hub to another's.
 #[derive(Debug)]
 pub enum Msg {
-    /// Deliver an encoded event to this worker's subscribers of `cluster`.
+    /// Deliver an encoded event to this worker's subscribers of `cluster`; `remote`: it
+    /// came from another node, for this node's users of the cluster only; `stamp`: the
+    /// machine and connection generation it is about, if any (see `generations`).
     Deliver {
         cluster: Arc<str>,
         frame: Bytes,
         services_only: bool,
+        remote: bool,
+        stamp: Option<Stamp>,
     },
     /// Queue a command frame on a local agent; `from`/`seq` name the pending command.
     ToAgent {
@@ -99,6 +106,12 @@ pub enum Action<'a> {
     ArmTimer { seq: u64, at: Instant },
     /// Hand `msg` to the hub of worker `worker`.
     Post { worker: u16, msg: Msg },
+    /// Publish an encoded event of `cluster` to the other nodes (once per event, at its
+    /// origin worker; only with a bus).
+    Publish { cluster: &'a str, frame: &'a Bytes },
+    /// This worker gained its first (`on`) or lost its last user of `cluster`: the other
+    /// nodes' events of it are wanted, or no longer (only with a bus).
+    Interest { cluster: &'a str, on: bool },
 }
 
 /// Carries out the hub's actions: the worker's side of every hub call.
@@ -118,7 +131,7 @@ pub struct Presence {
 
 impl Presence {
     /// Whether an event of this kind may have a receiver there.
-    fn receives(&self, services_only: bool) -> bool {
+    pub fn receives(&self, services_only: bool) -> bool {
         let count = match services_only {
             true => &self.services,
             false => &self.clients,
@@ -133,6 +146,8 @@ pub struct AgentLoc {
     pub worker: u16,
     pub conn: ConnId,
     pub cluster: Arc<str>,
+    /// This connection's generation of the machine (see `generations`).
+    pub gen: u64,
 }
 
 /// State every worker's hub shares.
@@ -146,6 +161,10 @@ pub struct Shared {
     pub nonce: u32,
     /// Every worker's counters.
     pub metrics: Arc<Metrics>,
+    /// Whether a bus links this node to others: users' events are then published too.
+    pub bus: bool,
+    /// The last generation handed to an authenticating machine.
+    generation: AtomicU64,
 }
 
 impl Shared {
@@ -154,6 +173,8 @@ impl Shared {
             metrics: Arc::new(Metrics::new(workers)),
             workers: (0..workers).map(|_| Presence::default()).collect(),
             machines: DashMap::new(),
+            bus: false,
+            generation: AtomicU64::new(0),
             nonce: {
                 let mut b = [0u8; 4];
                 // Without randomness the ids are still unique within this process.
@@ -171,6 +192,8 @@ pub struct Hub {
     subs: fanout::Subscriptions,
     commands: commands::Commands,
     agents: reports::Agents,
+    /// The newest generation of each machine delivered here.
+    delivered: generations::Generations,
     metrics: Arc<Metrics>,
 }
 
@@ -183,6 +206,7 @@ impl Hub {
             subs: fanout::Subscriptions::default(),
             commands: commands::Commands::new(command_timeout),
             agents: reports::Agents::default(),
+            delivered: generations::Generations::default(),
         }
     }
 
@@ -207,16 +231,35 @@ impl Hub {
         match who.role {
             Role::Agent => {
                 let cluster = self.agents.register(id, who, version, ts);
-                let loc = AgentLoc {
-                    worker: self.index,
-                    conn: id,
-                    cluster: cluster.clone(),
+                let (gen, replaced) = {
+                    let shared = &self.shared;
+                    let entry = shared.machines.entry(who.sub.clone());
+                    // Taken under the entry's lock: generations follow the order of the
+                    // registrations.
+                    let gen = shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    let loc = AgentLoc {
+                        worker: self.index,
+                        conn: id,
+                        cluster: cluster.clone(),
+                        gen,
+                    };
+                    match entry {
+                        Entry::Occupied(mut e) => (gen, Some(e.insert(loc))),
+                        Entry::Vacant(e) => {
+                            e.insert(loc);
+                            (gen, None)
+                        }
+                    }
                 };
-                if let Some(old) = self.shared.machines.insert(who.sub.clone(), loc) {
+                self.agents.set_generation(id, gen);
+                if let Some(old) = replaced {
                     let (conn, code) = (old.conn, CLOSE_REPLACED);
                     let reason = "replaced by a newer connection of this machine";
                     out.act(match old.worker == self.index {
-                        true => Action::Close { conn, code, reason },
+                        true => {
+                            self.replaced(conn);
+                            Action::Close { conn, code, reason }
+                        }
                         false => Action::Post {
                             worker: old.worker,
                             msg: Msg::Close { conn, code, reason },
@@ -225,10 +268,20 @@ impl Hub {
                 }
                 let frame =
                     envelope::machine_presence("machine:online", &who.sub, &cluster, version, ts);
-                self.fan_out(cluster, frame, false, out);
+                let stamp = Stamp {
+                    machine: Arc::from(&*who.sub),
+                    gen,
+                    presence: true,
+                };
+                self.fan_out(cluster, frame, false, Some(stamp), ts, out);
             }
             Role::User => {
-                self.subs.subscribe_user(id, &who.clusters);
+                let bus = self.shared.bus;
+                self.subs.subscribe_user(id, &who.clusters, |cluster| {
+                    if bus {
+                        out.act(Action::Interest { cluster, on: true });
+                    }
+                });
                 self.presence().clients.fetch_add(1, Ordering::Relaxed);
             }
             Role::Service => {
@@ -266,13 +319,23 @@ impl Hub {
                             &agent.version,
                             ts,
                         );
-                        self.fan_out(loc.cluster, frame, false, out);
+                        let stamp = Stamp {
+                            machine: Arc::from(&*who.sub),
+                            gen: loc.gen,
+                            presence: true,
+                        };
+                        self.fan_out(loc.cluster, frame, false, Some(stamp), ts, out);
                     }
                 }
                 self.agent_gone(id, now, ts, out);
             }
             Role::User => {
-                self.subs.unsubscribe_user(id, &who.clusters);
+                let bus = self.shared.bus;
+                self.subs.unsubscribe_user(id, &who.clusters, |cluster| {
+                    if bus {
+                        out.act(Action::Interest { cluster, on: false });
+                    }
+                });
                 self.presence().clients.fetch_sub(1, Ordering::Relaxed);
             }
             Role::Service => {
@@ -296,8 +359,8 @@ impl Hub {
         ts: u64,
         out: &mut impl Sink,
     ) {
-        self.agents.record(id, kind, data, ts);
-        self.relay(kind, machine_id, cluster_id, data, ts, out);
+        let gen = self.agents.record(id, kind, data, ts);
+        self.relay(kind, machine_id, cluster_id, data, gen, ts, out);
     }
 
     /// A message from another worker (or routed locally).
@@ -307,7 +370,12 @@ impl Hub {
                 cluster,
                 frame,
                 services_only,
-            } => self.deliver(&cluster, &frame, services_only, out),
+                remote,
+                stamp,
+            } => {
+                let reach = fanout::Reach::of(services_only, remote);
+                self.deliver(&cluster, &frame, reach, stamp.as_ref(), ts, out)
+            }
             Msg::ToAgent {
                 conn,
                 frame,
@@ -316,8 +384,21 @@ impl Hub {
                 deadline,
             } => self.hand_to_agent(conn, frame, from, seq, deadline, now, ts, out),
             Msg::CommandResult { seq, result } => self.finish_command(seq, result, now, ts, out),
-            Msg::Close { conn, code, reason } => out.act(Action::Close { conn, code, reason }),
+            Msg::Close { conn, code, reason } => {
+                if code == CLOSE_REPLACED {
+                    self.replaced(conn);
+                }
+                out.act(Action::Close { conn, code, reason })
+            }
             Msg::Admin(req) => self.admin(req, now, ts, out),
+        }
+    }
+
+    /// Local agent `id` was replaced by a newer connection of its machine: it is not open
+    /// for commands any more (a command for it is answered as for a disconnected agent).
+    fn replaced(&mut self, id: ConnId) {
+        if self.agents.contains(id) {
+            self.commands.replaced(id);
         }
     }
 

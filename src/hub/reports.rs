@@ -45,6 +45,8 @@ pub(super) struct AgentState {
     machine_id: Box<str>,
     cluster: Arc<str>,
     pub version: Box<str>,
+    /// This connection's generation of the machine (see `generations`).
+    pub gen: u64,
     connected_at: u64,
     /// Allocated at the first report: an agent that has sent none holds no buffers.
     reports: Option<Box<Reports>>,
@@ -128,6 +130,7 @@ impl Agents {
             machine_id: who.sub.clone(),
             cluster: cluster.clone(),
             version: version.into(),
+            gen: 0,
             connected_at: ts,
             reports: None,
         };
@@ -152,10 +155,18 @@ impl Agents {
         self.by_conn.get(id).is_some()
     }
 
-    /// Keeps a report of agent `id`: its heartbeat, metrics snapshot or a server's status.
-    pub fn record(&mut self, id: ConnId, kind: &RelayKind<'_>, data: &str, ts: u64) {
+    /// Sets the generation agent `id` took when it registered in the machine registry.
+    pub fn set_generation(&mut self, id: ConnId, gen: u64) {
+        if let Some(agent) = self.by_conn.get_mut(id) {
+            agent.gen = gen;
+        }
+    }
+
+    /// Keeps a report of agent `id`: its heartbeat, metrics snapshot or a server's status;
+    /// returns the agent's generation (0 if it is not registered).
+    pub fn record(&mut self, id: ConnId, kind: &RelayKind<'_>, data: &str, ts: u64) -> u64 {
         let Some(agent) = self.by_conn.get_mut(id) else {
-            return;
+            return 0;
         };
         let r = agent.reports.get_or_insert_with(Box::default);
         match kind {
@@ -167,6 +178,7 @@ impl Agents {
             RelayKind::ServerStatus { server_id } => r.record_server(server_id, data),
             RelayKind::PlayerJoined | RelayKind::PlayerLeft | RelayKind::Notification => {}
         }
+        agent.gen
     }
 
     /// The agents `live` accepts (machine id, connection), without their reports.

@@ -19,6 +19,8 @@ enum Did {
     Close(ConnId, u16),
     Timer(u64, Instant),
     Post(u16, Msg),
+    Publish(String, Value),
+    Interest(String, bool),
 }
 
 #[derive(Default)]
@@ -32,6 +34,8 @@ impl Sink for Rec {
             Action::Close { conn, code, .. } => Did::Close(conn, code),
             Action::ArmTimer { seq, at } => Did::Timer(seq, at),
             Action::Post { worker, msg } => Did::Post(worker, msg),
+            Action::Publish { cluster, frame } => Did::Publish(cluster.into(), json(frame)),
+            Action::Interest { cluster, on } => Did::Interest(cluster.into(), on),
         });
     }
 }
@@ -249,7 +253,8 @@ fn a_command_for_a_machine_not_connected_or_not_visible_fails() {
     hub.command(conn(9), &who, "r1", "mch_2", "{}", t0, TS, &mut out);
     assert_eq!(failed(&out.take()), "machine not connected");
     hub.command(conn(9), &who, "r1", "mch_1", "{}", t0, TS, &mut out);
-    assert_eq!(failed(&out.take()), "forbidden");
+    // Another cluster's connected machine is answered like an absent one.
+    assert_eq!(failed(&out.take()), "machine not connected");
     assert_eq!(counted(hub, CommandOutcome::NotConnected), 1);
     assert_eq!(counted(hub, CommandOutcome::Forbidden), 1);
     assert_eq!(hub.pending_commands(), 0);
@@ -524,6 +529,167 @@ fn the_latest_reports_are_kept_per_agent() {
     assert_eq!(detail.heartbeat.as_deref(), Some("{}"));
 }
 
+/// The messages of `did`, all posts to worker `w`.
+fn posts_to(did: Vec<Did>, w: u16) -> Vec<Msg> {
+    did.into_iter()
+        .map(|d| match d {
+            Did::Post(to, msg) if to == w => msg,
+            other => panic!("expected a post to worker {w}: {other:?}"),
+        })
+        .collect()
+}
+
+/// What `hub`'s local subscribers receive of `msgs`, handled in this order at `ts`.
+fn received(hub: &mut Hub, msgs: Vec<Msg>, ts: u64) -> Vec<Value> {
+    let mut out = Rec::default();
+    for msg in msgs {
+        hub.handle(msg, Instant::now(), ts, &mut out);
+    }
+    out.take()
+        .into_iter()
+        .map(|d| match d {
+            Did::Deliver(_, v) => v,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Worker 2 holds a user of clu_a; machine mch_1 connects on workers 0 and 1.
+fn presence_setup() -> (Vec<Hub>, Rec, Identity) {
+    let mut h = hubs(3);
+    let mut out = Rec::default();
+    h[2].online(conn(9), &user(&["clu_a"]), "", TS, &mut out);
+    assert!(out.take().is_empty());
+    (h, out, agent("mch_1", "clu_a"))
+}
+
+#[test]
+fn an_older_connections_offline_crossing_the_newer_online_is_dropped() {
+    let (mut h, mut out, who) = presence_setup();
+    let t0 = Instant::now();
+    h[0].online(conn(1), &who, "1.0", TS, &mut out);
+    let first_online = posts_to(out.take(), 2);
+    // The first connection ends while the registry still names it: offline is announced…
+    h[0].offline(conn(1), &who, t0, TS, &mut out);
+    let offline = posts_to(out.take(), 2);
+    // …and the machine reconnects on worker 1 at once.
+    h[1].online(conn(1), &who, "1.1", TS, &mut out);
+    let second_online = posts_to(out.take(), 2);
+    // Worker 2 reads worker 1's inbox before worker 0's: the announcements cross.
+    let mut msgs = first_online;
+    msgs.extend(second_online);
+    msgs.extend(offline);
+    let seen = received(&mut h[2], msgs, TS);
+    let events: Vec<(&str, &Value)> = seen
+        .iter()
+        .map(|v| (event(v), &v["data"]["version"]))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("machine:online", &Value::from("1.0")),
+            ("machine:online", &Value::from("1.1"))
+        ],
+        "the user must not end believing the connected machine is offline"
+    );
+}
+
+#[test]
+fn a_replaced_connections_backlog_is_relayed_until_the_newer_one_reports() {
+    let (mut h, mut out, who) = presence_setup();
+    let report = |hub: &mut Hub, out: &mut Rec, seq: &str| {
+        let data = format!(r#"{{"serverId":"srv_1","state":"{seq}"}}"#);
+        let kind = status("srv_1");
+        hub.agent_event(conn(1), &kind, "mch_1", "clu_a", &data, TS, out);
+        posts_to(out.take(), 2)
+    };
+    h[0].online(conn(1), &who, "", TS, &mut out);
+    let mut msgs = posts_to(out.take(), 2);
+    // The newer connection authenticates on worker 1; worker 0 is told to close the older.
+    h[1].online(conn(1), &who, "", TS, &mut out);
+    let did = out.take();
+    let (close, online): (Vec<Did>, Vec<Did>) =
+        did.into_iter().partition(|d| matches!(d, Did::Post(0, _)));
+    let close = posts_to(close, 0);
+    msgs.extend(posts_to(online, 2));
+    // The older connection's backlog is still read during its drain, around the newer
+    // connection's first report.
+    let old_1 = report(&mut h[0], &mut out, "old-1");
+    msgs.extend(old_1);
+    msgs.extend(report(&mut h[1], &mut out, "new"));
+    msgs.extend(report(&mut h[0], &mut out, "old-2"));
+    let seen = received(&mut h[2], msgs, TS);
+    let events: Vec<String> = seen
+        .iter()
+        .map(|v| match event(v) {
+            "server:updated" => v["data"]["state"].as_str().unwrap().to_string(),
+            e => e.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        events,
+        ["machine:online", "machine:online", "old-1", "new"],
+        "a stale status must not win over the newer connection's"
+    );
+    // The replaced connection takes no more commands: one routed to it before the
+    // takeover is answered as for a disconnected agent, and nothing is written to it.
+    let t0 = Instant::now();
+    for msg in close {
+        h[0].handle(msg, t0, TS, &mut out);
+    }
+    assert!(matches!(&out.take()[..], [Did::Close(c, 4009)] if *c == conn(1)));
+    let frame = Bytes::from_static(b"command");
+    let deadline = t0 + Duration::from_secs(30);
+    let (from, seq) = (2, 7);
+    let to_agent = Msg::ToAgent {
+        conn: conn(1),
+        frame,
+        from,
+        seq,
+        deadline,
+    };
+    h[0].handle(to_agent, t0, TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(
+            &did[..],
+            [Did::Post(
+                2,
+                Msg::CommandResult {
+                    seq: 7,
+                    result: Err(Failure::Gone)
+                }
+            )]
+        ),
+        "{did:?}"
+    );
+    // Once it is gone, nothing about it is kept.
+    h[0].offline(conn(1), &who, t0, TS, &mut out);
+    assert!(out.take().is_empty());
+    assert!(h[0].commands.replaced.is_empty());
+}
+
+#[test]
+fn delivered_generations_are_forgotten_once_the_machine_is_gone() {
+    let (mut h, mut out, who) = presence_setup();
+    let t0 = Instant::now();
+    h[0].online(conn(1), &who, "", TS, &mut out);
+    let mut msgs = posts_to(out.take(), 2);
+    h[0].offline(conn(1), &who, t0, TS, &mut out);
+    msgs.extend(posts_to(out.take(), 2));
+    assert_eq!(received(&mut h[2], msgs, TS).len(), 2);
+    assert_eq!(h[2].delivered.len(), 1);
+    // A machine still connected with the generation seen is kept past the retention.
+    h[1].online(conn(2), &agent("mch_2", "clu_a"), "", TS, &mut out);
+    let msgs = posts_to(out.take(), 2);
+    assert_eq!(received(&mut h[2], msgs, TS).len(), 1);
+    let later = TS + RETENTION_MS + 1;
+    h[1].notify("clu_a", "{}", later, &mut out);
+    let msgs = posts_to(out.take(), 2);
+    assert_eq!(received(&mut h[2], msgs, later).len(), 1);
+    assert_eq!(h[2].delivered.len(), 1, "mch_1 forgotten, mch_2 kept");
+}
+
 #[test]
 fn the_admin_list_shows_a_replaced_machine_once() {
     let mut h = hubs(1);
@@ -579,4 +745,98 @@ fn a_notification_reaches_the_cluster_s_users_and_every_service() {
         })
         .collect();
     assert_eq!(to, [conn(3), conn(1)]);
+}
+
+/// A hub of a node linked to others by a bus.
+fn hub_with_bus() -> Hub {
+    let mut shared = Shared::new(1);
+    shared.bus = true;
+    Hub::new(0, Arc::new(shared), Duration::from_secs(30))
+}
+
+#[test]
+fn with_a_bus_an_event_is_published_once_and_users_bring_interest() {
+    let mut hub = hub_with_bus();
+    let mut out = Rec::default();
+    let t0 = Instant::now();
+    // Nobody here: still encoded, for the other nodes, and published once.
+    hub.relay(
+        &status("srv_1"),
+        "mch_1",
+        "clu_a",
+        r#"{"n":1}"#,
+        1,
+        TS,
+        &mut out,
+    );
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Publish(c, v)] if c == "clu_a" && event(v) == "server:updated"),
+        "{did:?}"
+    );
+    // Heartbeats reach services only, which see only their own node's: not published.
+    hub.relay(
+        &RelayKind::Heartbeat,
+        "mch_1",
+        "clu_a",
+        "{}",
+        1,
+        TS,
+        &mut out,
+    );
+    assert!(out.take().is_empty());
+
+    // The first user of a cluster on this worker brings interest; the second does not.
+    hub.online(conn(1), &user(&["clu_a", "clu_b"]), "", TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Interest(a, true), Did::Interest(b, true)]
+            if a == "clu_a" && b == "clu_b"),
+        "{did:?}"
+    );
+    hub.online(conn(2), &user(&["clu_a"]), "", TS, &mut out);
+    assert!(out.take().is_empty());
+    hub.offline(conn(1), &user(&["clu_a", "clu_b"]), t0, TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Interest(b, false)] if b == "clu_b"));
+    hub.offline(conn(2), &user(&["clu_a"]), t0, TS, &mut out);
+    assert!(matches!(&out.take()[..], [Did::Interest(a, false)] if a == "clu_a"));
+}
+
+#[test]
+fn another_nodes_event_goes_to_the_clusters_users_not_to_services() {
+    let mut hub = hub_with_bus();
+    let mut out = Rec::default();
+    hub.online(conn(1), &user(&["clu_a"]), "", TS, &mut out);
+    hub.online(
+        conn(2),
+        &identity(Role::Service, "svc", &[]),
+        "",
+        TS,
+        &mut out,
+    );
+    out.take();
+    let frame = crate::protocol::envelope::relay("server:updated", "mch_9", "clu_a", "{}", TS);
+    let msg = Msg::Deliver {
+        cluster: "clu_a".into(),
+        frame,
+        services_only: false,
+        remote: true,
+        stamp: None,
+    };
+    hub.handle(msg, Instant::now(), TS, &mut out);
+    let did = out.take();
+    assert!(
+        matches!(&did[..], [Did::Deliver(to, v)] if to == &[conn(1)] && event(v) == "server:updated"),
+        "{did:?}"
+    );
+}
+
+#[test]
+fn without_a_bus_nothing_is_published_and_no_interest_is_shown() {
+    let mut h = hubs(1);
+    let mut out = Rec::default();
+    h[0].online(conn(1), &user(&["clu_a"]), "", TS, &mut out);
+    h[0].relay(&status("srv_1"), "mch_1", "clu_a", "{}", 1, TS, &mut out);
+    let did = out.take();
+    assert!(matches!(&did[..], [Did::Deliver(..)]), "{did:?}");
 }

