@@ -7,8 +7,8 @@
 
 pub mod admin;
 pub mod auth;
-pub mod certs;
 pub mod bus;
+pub mod certs;
 pub mod config;
 pub mod conn;
 pub mod fault;
