@@ -130,8 +130,9 @@ fn v1(admin: &Admin, method: &str, path: &str, body: &[u8]) -> Response {
     }
 }
 
-/// `%XX` escapes of a path segment; `None` when they do not decode to UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+/// `%XX` escapes of a path segment (or a bus subject token); `None` when one is malformed
+/// or they do not decode to UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

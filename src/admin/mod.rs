@@ -2,7 +2,7 @@
 //! backend API. A thread per connection, at most `MAX_CONNECTIONS` at once, so that a
 //! command waiting for its agent never holds up `/healthz` or `/metrics`.
 
-mod api;
+pub(crate) mod api;
 pub mod http;
 mod sampler;
 mod status;

@@ -23,24 +23,6 @@ pub fn token(id: &str) -> String {
     out
 }
 
-/// The cluster id a token stands for; `None` for a token `token` cannot have written.
-pub fn untoken(token: &str) -> Option<String> {
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = token.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// The subjects of one bus system (one `cluster_name`).
 #[derive(Debug, Clone)]
 pub struct Subjects {
@@ -100,12 +82,16 @@ mod tests {
         ] {
             let t = token(id);
             assert!(!t.contains(['.', '*', '>', ' ', '\t']), "{id:?} -> {t:?}");
-            assert_eq!(untoken(&t).as_deref(), Some(id), "{t:?}");
+            assert_eq!(
+                crate::admin::api::percent_decode(&t).as_deref(),
+                Some(id),
+                "{t:?}"
+            );
         }
         // Distinct ids never share a token.
         assert_ne!(token("a.b"), token("a%2Eb"));
-        assert_eq!(untoken("%zz"), None);
-        assert_eq!(untoken("%2"), None);
+        assert_eq!(crate::admin::api::percent_decode("%zz"), None);
+        assert_eq!(crate::admin::api::percent_decode("%2"), None);
     }
 
     #[test]
